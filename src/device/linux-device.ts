@@ -1,0 +1,87 @@
+/**
+ * The real /dev/kvmmem misc device of the KVMI patches (seed 003), driven with
+ * ioctl(2) through src/sys. MAP takes a pointer to the 48-byte kvmi_mem_map,
+ * UNMAP the page address as the argument *value*.
+ */
+import * as libc from '../sys/libc.js';
+import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
+import { ERRNO } from '../abi/errno.js';
+import { ClosedError, DeviceError, KvmmemError, NoDeviceError, NotKvmmemDeviceError, SyscallError } from '../errors.js';
+import { hintFor } from './hints.js';
+import { ioctlBatchByOne, type Device, type IoctlArg } from './device.js';
+
+export const DEFAULT_DEVICE_PATH = '/dev/kvmmem';
+
+export class LinuxDevice implements Device {
+  readonly path: string;
+  #fd: number;
+
+  private constructor(path: string, fd: number) {
+    this.path = path;
+    this.#fd = fd;
+  }
+
+  /** Opens the device read-write with O_CLOEXEC; errors say what to do. */
+  static open(path: string = DEFAULT_DEVICE_PATH): LinuxDevice {
+    try {
+      return new LinuxDevice(path, libc.open(path, libc.O_RDWR));
+    } catch (e) {
+      if (!(e instanceof SyscallError)) throw e;
+      if (e.code === 'ENOENT') throw new NoDeviceError(path);
+      if (e.code === 'EACCES' || e.code === 'EPERM') {
+        throw new KvmmemError(`open ${path}: permission denied (${e.code})`, {
+          code: e.code, errno: e.errno!, syscall: 'open', path,
+          hint: `run as root, or give your user read-write access to ${path} (e.g. a udev rule: KERNEL=="kvmmem", MODE="0660", GROUP="kvm")`,
+        });
+      }
+      throw e;
+    }
+  }
+
+  get closed(): boolean { return this.#fd < 0; }
+  /** The file descriptor (for diagnostics and tests). */
+  get fd(): number { return this.#fd; }
+
+  ioctl(request: number, arg: IoctlArg): number {
+    if (this.#fd < 0) throw new ClosedError(`device ${this.path}`, ioctlName(request));
+    const r = libc.ioctlRaw(this.#fd, request, arg);
+    if (r < 0) throw this.error(request, r);
+    return r;
+  }
+
+  ioctlBatch(request: number, args: Uint8Array, stride: number, count: number, results: Int32Array): number {
+    if (this.#fd < 0) throw new ClosedError(`device ${this.path}`, ioctlName(request));
+    if (count === 0) return 0;
+    checkBatch(args, stride, count, results);
+    if (libc.batchAvailable()) {
+      return stride > 0
+        ? libc.ioctlManyPtr(this.#fd, request, args, stride, count, results)
+        : libc.ioctlManyVal(this.#fd, request, args, count, results);
+    }
+    return ioctlBatchByOne((req, a) => libc.ioctlRaw(this.#fd, req, a), request, args, stride, count, results);
+  }
+
+  /** Builds the typed error for a failed request (also used for batch results). */
+  error(request: number, negErrno: number): KvmmemError {
+    const name = ioctlName(request);
+    if (-negErrno === ERRNO.ENOTTY && (request === KVM_INTRO_MEM_MAP || request === KVM_INTRO_MEM_UNMAP)) {
+      return new NotKvmmemDeviceError(this.path, name);
+    }
+    const hint = hintFor(request, negErrno);
+    return new DeviceError(negErrno, name, hint === undefined ? { path: this.path } : { path: this.path, hint });
+  }
+
+  close(): void {
+    if (this.#fd < 0) return;
+    const fd = this.#fd;
+    this.#fd = -1;
+    libc.close(fd);
+  }
+}
+
+export function checkBatch(args: Uint8Array, stride: number, count: number, results: Int32Array): void {
+  const need = stride > 0 ? stride * count : 8 * count;
+  if (!Number.isInteger(count) || count < 0 || args.byteLength < need || results.length < count) {
+    throw new RangeError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
+  }
+}

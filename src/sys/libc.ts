@@ -1,0 +1,292 @@
+/**
+ * libc through ffi-rs. This is the only module that imports ffi-rs.
+ *
+ * Conventions: host-process virtual addresses are JS numbers here (x86-64 user
+ * addresses are < 2^47, exact in a double); everything public above src/sys uses
+ * bigint. Every call is a `load({...literal})` (measured cheaper than `define()`),
+ * and failures throw SyscallError with code/errno/syscall.  The hot ioctl path
+ * returns -errno instead of throwing and reads errno from a live view of the
+ * thread's errno slot (cheaper than `errno: true`), verified at start-up.
+ */
+import ffi from 'ffi-rs';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { debuglog } from 'node:util';
+import { SyscallError } from '../errors.js';
+
+const { open: ffiOpen, load, DataType, createExternalBuffer } = ffi;
+const { I32, I64, U64, U8Array, External, String: Str, Void } = DataType;
+const LIBC = 'libc';
+ffiOpen({ library: LIBC, path: '' });
+
+// ---- constants (Linux x86-64) ----
+export const O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_CREAT = 0o100, O_CLOEXEC = 0o2000000;
+export const PROT_NONE = 0, PROT_READ = 1, PROT_WRITE = 2;
+export const MAP_SHARED = 0x01, MAP_PRIVATE = 0x02, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20,
+  MAP_NORESERVE = 0x4000, MAP_POPULATE = 0x8000, MAP_LOCKED = 0x2000;
+export const MADV_DONTNEED = 4, MADV_POPULATE_READ = 22, MADV_POPULATE_WRITE = 23;
+export const MFD_CLOEXEC = 1;
+export const F_GETFD = 1, FD_CLOEXEC = 1;
+const _SC_PAGESIZE = 30;
+/** Node Buffers (and ffi-rs external views) are at most this long. */
+export const MAX_VIEW_BYTES = 2 ** 32;
+
+// ---- errno ----
+// A 4-byte live view of this thread's errno (ffi-rs calls run on the JS thread).
+const errnoExt = load({ library: LIBC, funcName: '__errno_location', retType: External, paramsType: [], paramsValue: [] });
+const errnoView = new Int32Array(createExternalBuffer(errnoExt, 4).buffer, 0, 1);
+// createExternalBuffer may hand back a copy on some runtimes; errno must then come from ffi-rs itself.
+let errnoLive = false;
+
+function fail(syscall: string, errno: number, path?: string, hint?: string): never {
+  throw new SyscallError(errno, syscall, { ...(path === undefined ? {} : { path }), ...(hint === undefined ? {} : { hint }) });
+}
+
+type Errno<T> = { value: T; errnoCode: number };
+
+// ---- files ----
+/** open(2), always with O_CLOEXEC. Returns the fd. */
+export function open(path: string, flags: number, mode = 0): number {
+  const r = load({ library: LIBC, funcName: 'open', retType: I32, paramsType: [Str, I32, I32], paramsValue: [path, flags | O_CLOEXEC, mode], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('open', r.errnoCode, path);
+  return r.value;
+}
+
+export function close(fd: number): void {
+  const r = load({ library: LIBC, funcName: 'close', retType: I32, paramsType: [I32], paramsValue: [fd], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('close', r.errnoCode);
+}
+
+/** fcntl(fd, cmd, arg) for integer commands (F_GETFD ...). */
+export function fcntl(fd: number, cmd: number, arg = 0): number {
+  const r = load({ library: LIBC, funcName: 'fcntl', retType: I32, paramsType: [I32, I32, I32], paramsValue: [fd, cmd, arg], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('fcntl', r.errnoCode);
+  return r.value;
+}
+
+export function ftruncate(fd: number, length: number): void {
+  const r = load({ library: LIBC, funcName: 'ftruncate', retType: I32, paramsType: [I32, I64], paramsValue: [fd, length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('ftruncate', r.errnoCode);
+}
+
+/** memfd_create(2) with MFD_CLOEXEC: anonymous memory that can be mapped MAP_SHARED. */
+export function memfdCreate(name: string, flags = 0): number {
+  const r = load({ library: LIBC, funcName: 'memfd_create', retType: I32, paramsType: [Str, I32], paramsValue: [name, flags | MFD_CLOEXEC], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('memfd_create', r.errnoCode);
+  return r.value;
+}
+
+let pageSizeCache = 0;
+export function pageSize(): number {
+  if (pageSizeCache === 0) {
+    pageSizeCache = load({ library: LIBC, funcName: 'sysconf', retType: I64, paramsType: [I32], paramsValue: [_SC_PAGESIZE] }) as number;
+  }
+  return pageSizeCache;
+}
+
+// ---- ioctl ----
+/**
+ * ioctl(fd, request, arg) returning the result, or -errno on failure (no throw:
+ * the device layer turns errno into an error that knows the request).
+ * A Uint8Array arg is passed as a pointer to its bytes (zero-copy); a number or
+ * bigint is passed as the argument value itself (as KVM_INTRO_MEM_UNMAP wants).
+ */
+export function ioctlRaw(fd: number, request: number, arg: Uint8Array | number | bigint): number {
+  let v: number;
+  if (errnoLive) {
+    if (typeof arg === 'number') {
+      v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, U64], paramsValue: [fd, request, arg] }) as number;
+    } else if (typeof arg === 'bigint') {
+      v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, DataType.BigInt], paramsValue: [fd, request, arg] }) as number;
+    } else {
+      v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, U8Array], paramsValue: [fd, request, arg] }) as number;
+    }
+    return v < 0 ? -errnoView[0]! : v;
+  }
+  const t = typeof arg === 'number' ? U64 : typeof arg === 'bigint' ? DataType.BigInt : U8Array;
+  const r = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, t], paramsValue: [fd, request, arg], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+// ---- memory ----
+/** mmap(2); returns the address. */
+export function mmap(addr: number, length: number, prot: number, flags: number, fd = -1, offset = 0): number {
+  const r = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [addr, length, prot, flags, fd, offset], errno: true }) as Errno<number>;
+  if (r.value === -1) fail('mmap', r.errnoCode);
+  return r.value;
+}
+
+/** mmap returning -errno instead of throwing (for the model's per-page hot path). */
+export function mmapRaw(addr: number, length: number, prot: number, flags: number, fd: number, offset: number): number {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [addr, length, prot, flags, fd, offset] }) as number;
+    return v === -1 ? -errnoView[0]! : v;
+  }
+  const r = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [addr, length, prot, flags, fd, offset], errno: true }) as Errno<number>;
+  return r.value === -1 ? -r.errnoCode : r.value;
+}
+
+export function munmap(addr: number, length: number): void {
+  const r = load({ library: LIBC, funcName: 'munmap', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('munmap', r.errnoCode);
+}
+
+const MLOCK_HINT = 'raise RLIMIT_MEMLOCK (ulimit -l) or run with CAP_IPC_LOCK: kvmmem locks the pages it hands to the driver';
+export function mlock(addr: number, length: number): void {
+  const r = load({ library: LIBC, funcName: 'mlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('mlock', r.errnoCode, undefined, MLOCK_HINT);
+}
+
+/** mlock returning -errno instead of throwing. */
+export function mlockRaw(addr: number, length: number): number {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'mlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length] }) as number;
+    return v < 0 ? -errnoView[0]! : v;
+  }
+  const r = load({ library: LIBC, funcName: 'mlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+export function munlock(addr: number, length: number): void {
+  const r = load({ library: LIBC, funcName: 'munlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('munlock', r.errnoCode);
+}
+
+export function madvise(addr: number, length: number, advice: number): void {
+  const r = load({ library: LIBC, funcName: 'madvise', retType: I32, paramsType: [U64, U64, I32], paramsValue: [addr, length, advice], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('madvise', r.errnoCode);
+}
+
+/**
+ * mincore(2): one byte per page, bit 0 = resident. Returns -ENOMEM (not a throw)
+ * when part of the range is not mapped at all: the model driver uses exactly
+ * that to reproduce find_vma() failing.
+ */
+export function mincore(addr: number, length: number, vec: Uint8Array): number {
+  const r = load({ library: LIBC, funcName: 'mincore', retType: I32, paramsType: [U64, U64, U8Array], paramsValue: [addr, length, vec], errno: true }) as Errno<number>;
+  if (r.value < 0) {
+    if (r.errnoCode === 12) return -12;
+    fail('mincore', r.errnoCode);
+  }
+  return 0;
+}
+
+// ---- live views ----
+/** A JsExternal for a numeric address: memset(p, 0, 0) returns p unchanged. */
+function externalAt(addr: number) {
+  return load({ library: LIBC, funcName: 'memset', retType: External, paramsType: [U64, I32, U64], paramsValue: [addr, 0, 0] });
+}
+
+/**
+ * A live, zero-copy Buffer over native memory at `addr`. Garbage collection of
+ * the Buffer never unmaps anything: the caller owns the memory's lifetime.
+ */
+export function view(addr: number, length: number): Buffer {
+  if (!Number.isSafeInteger(addr) || addr <= 0) throw new RangeError(`view: bad address ${addr}`);
+  if (!Number.isSafeInteger(length) || length <= 0 || length > MAX_VIEW_BYTES) {
+    throw new RangeError(`view: length ${length} is outside 1..${MAX_VIEW_BYTES} (a single view is at most 4 GiB)`);
+  }
+  return createExternalBuffer(externalAt(addr), length);
+}
+
+/** The numeric address of a Buffer's bytes (zero-copy: memset(buf, 0, 0) returns buf). */
+export function addressOf(buf: Uint8Array): number {
+  return load({ library: LIBC, funcName: 'memset', retType: U64, paramsType: [U8Array, I32, U64], paramsValue: [buf, 0, 0] }) as number;
+}
+
+/** memset on a numeric address (used by tests and the self-check as a "native write"). */
+export function memsetAt(addr: number, byte: number, length: number): void {
+  load({ library: LIBC, funcName: 'memset', retType: Void, paramsType: [U64, I32, U64], paramsValue: [addr, byte, length] });
+}
+
+/** memcmp of native memory against a JS buffer (a "native read"). */
+export function memcmpAt(addr: number, bytes: Uint8Array): number {
+  return load({ library: LIBC, funcName: 'memcmp', retType: I32, paramsType: [U64, U8Array, U64], paramsValue: [addr, bytes, bytes.length] }) as number;
+}
+
+// ---- start-up self-checks ----
+class ViewNotLiveError extends SyscallError {}
+function selfCheck(): void {
+  const len = pageSize();
+  const addr = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  try {
+    const v = view(addr, len);
+    memsetAt(addr, 0x5a, 16);
+    v[1] = 0xa5;
+    const expect = Buffer.alloc(16, 0x5a);
+    expect[1] = 0xa5;
+    if (v[0] !== 0x5a || memcmpAt(addr, expect) !== 0) {
+      throw new ViewNotLiveError(95, 'createExternalBuffer', {
+        hint: 'this runtime hands back copies instead of live external buffers (e.g. Electron); kvmmem needs zero-copy views: run it under plain Node.js >= 20',
+      });
+    }
+    // errno through the live view: a failing call must leave ENOENT (2) in it.
+    errnoView[0] = 0;
+    load({ library: LIBC, funcName: 'open', retType: I32, paramsType: [Str, I32, I32], paramsValue: ['/nonexistent/kvmmem-errno-check', O_RDONLY | O_CLOEXEC, 0] });
+    errnoLive = errnoView[0] === 2;
+  } finally {
+    munmap(addr, len);
+  }
+}
+selfCheck();
+
+/** Whether errno is read from the live view (fast) or via ffi-rs's errno option. */
+export function errnoMode(): 'live-view' | 'ffi-rs' {
+  return errnoLive ? 'live-view' : 'ffi-rs';
+}
+
+// ---- the optional native batch helper (native/batch/kvmmem_batch.c) ----
+const BATCH = 'kvmmem_batch';
+let batchState: 'unknown' | 'loaded' | 'absent' = 'unknown';
+const debug = debuglog('kvmmem');
+
+/** Loads native/build/libkvmmem_batch.so once; false (and one debug line) when it is not built. */
+export function batchAvailable(): boolean {
+  if (batchState === 'unknown') {
+    const path = process.env.KVMMEM_BATCH_LIB
+      ?? fileURLToPath(new URL('../../native/build/libkvmmem_batch.so', import.meta.url));
+    if (process.env.KVMMEM_NO_BATCH === '1' || !existsSync(path)) {
+      batchState = 'absent';
+      debug('native batch helper absent (%s): using the per-call path; run `npm run build:native` with a C compiler to build it', path);
+    } else {
+      try {
+        ffiOpen({ library: BATCH, path });
+        const v = load({ library: BATCH, funcName: 'kvmmem_batch_abi_version', retType: I32, paramsType: [], paramsValue: [] });
+        batchState = v === 1 ? 'loaded' : 'absent';
+        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1: ignored', path, v);
+      } catch (e) {
+        batchState = 'absent';
+        debug('native batch helper at %s failed to load (%s): using the per-call path', path, (e as Error).message);
+      }
+    }
+  }
+  return batchState === 'loaded';
+}
+
+const bytesOf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+/** `count` ioctls with pointer arguments base + i*stride; per-record results. Needs batchAvailable(). */
+export function ioctlManyPtr(fd: number, request: number, base: Uint8Array, stride: number, count: number, results: Int32Array): number {
+  return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_ptr', retType: I32,
+    paramsType: [I32, U64, U8Array, U64, I32, U8Array],
+    paramsValue: [fd, request, base, stride, count, bytesOf(results)] }) as number;
+}
+
+/** `count` ioctls with value arguments (little-endian u64s in `values`). Needs batchAvailable(). */
+export function ioctlManyVal(fd: number, request: number, values: Uint8Array, count: number, results: Int32Array): number {
+  return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_val', retType: I32,
+    paramsType: [I32, U64, U8Array, I32, U8Array],
+    paramsValue: [fd, request, values, count, bytesOf(results)] }) as number;
+}
+
+export const REMAP_SHARED = 0, REMAP_FRESH = 1;
+/**
+ * Many page remaps in one native call (kind REMAP_SHARED: the file's pages at
+ * offs[i] put at addrs[i] with MAP_SHARED|MAP_FIXED; REMAP_FRESH: fresh private
+ * zero pages), each re-locked. Needs batchAvailable().
+ */
+export function remapMany(kind: number, addrs: BigUint64Array, lens: BigUint64Array, fd: number, offs: BigInt64Array, count: number, results: Int32Array): number {
+  return load({ library: BATCH, funcName: 'kvmmem_remap_many', retType: I32,
+    paramsType: [I32, U8Array, U8Array, I32, U8Array, I32, U8Array],
+    paramsValue: [kind, bytesOf(addrs), bytesOf(lens), fd, bytesOf(offs), count, bytesOf(results)] }) as number;
+}

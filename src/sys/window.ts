@@ -1,0 +1,87 @@
+/**
+ * Page-aligned anonymous windows: the local pages a client hands to the driver.
+ * Allocated private+anonymous, pre-faulted for write (so the driver's
+ * follow_page() finds a real page, never the zero page or nothing) and locked
+ * (so it stays there), with a live Buffer over them and their numeric address.
+ */
+import * as libc from './libc.js';
+
+export interface WindowOptions {
+  /** mlock the window (default true). */
+  lock?: boolean;
+}
+
+export class Window {
+  readonly address: number;
+  readonly length: number;
+  /** Live view of the whole window (absent above 4 GiB: use view()). */
+  readonly buffer: Buffer | undefined;
+  readonly locked: boolean;
+  #freed = false;
+
+  private constructor(address: number, length: number, locked: boolean) {
+    this.address = address;
+    this.length = length;
+    this.locked = locked;
+    this.buffer = length <= libc.MAX_VIEW_BYTES ? libc.view(address, length) : undefined;
+  }
+
+  static alloc(length: number, opts: WindowOptions = {}): Window {
+    const ps = libc.pageSize();
+    if (!Number.isSafeInteger(length) || length <= 0 || length % ps !== 0) {
+      throw new RangeError(`Window.alloc: length ${length} must be a positive multiple of the page size ${ps}`);
+    }
+    const address = libc.mmap(0, length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS);
+    try {
+      prefault(address, length);
+      const lock = opts.lock ?? true;
+      if (lock) libc.mlock(address, length);
+      return new Window(address, length, lock);
+    } catch (e) {
+      libc.munmap(address, length);
+      throw e;
+    }
+  }
+
+  get freed(): boolean { return this.#freed; }
+
+  /** A live view of part of the window. */
+  view(offset: number, length: number): Buffer {
+    if (offset < 0 || length <= 0 || offset + length > this.length) {
+      throw new RangeError(`Window.view: [${offset}, ${offset + length}) is outside the window of ${this.length} bytes`);
+    }
+    return libc.view(this.address + offset, length);
+  }
+
+  /** Unmaps the window. Views over it must not be used afterwards. */
+  free(): void {
+    if (this.#freed) return;
+    this.#freed = true;
+    libc.munmap(this.address, this.length);
+  }
+}
+
+/** Fault every page in for write: MADV_POPULATE_WRITE (Linux 5.14+), else touch each page. */
+export function prefault(address: number, length: number): void {
+  try {
+    libc.madvise(address, length, libc.MADV_POPULATE_WRITE);
+  } catch {
+    const ps = libc.pageSize();
+    for (let off = 0; off < length; off += ps) libc.memsetAt(address + off, 0, 1);
+  }
+}
+
+/** Put a fresh, zeroed, locked private page (or run of pages) at address. Returns 0 or -errno. */
+export function remapFresh(address: number, length: number): number {
+  const r = libc.mmapRaw(address, length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_FIXED, -1, 0);
+  if (r < 0) return r;
+  return libc.mlockRaw(address, length);
+}
+
+/** Put `length` bytes of fd at `offset` at address (MAP_SHARED|MAP_FIXED), locked. Returns 0 or -errno. */
+export function remapShared(address: number, length: number, fd: number, offset: number, writable = true): number {
+  const prot = writable ? libc.PROT_READ | libc.PROT_WRITE : libc.PROT_READ;
+  const r = libc.mmapRaw(address, length, prot, libc.MAP_SHARED | libc.MAP_FIXED, fd, offset);
+  if (r < 0) return r;
+  return libc.mlockRaw(address, length);
+}
