@@ -1,0 +1,36 @@
+/**
+ * Addresses at the public surface are bigint (guest-physical and virtual alike),
+ * decided once for the whole library. Inputs also accept a non-negative safe
+ * integer number or a hex/decimal string, and are checked here.
+ */
+import { UsageError } from '../errors.js';
+
+export type AddressLike = bigint | number | string;
+
+export const PAGE_SIZE = 4096;
+export const PAGE_SHIFT = 12n;
+export const PAGE_MASK = 0xfffn;
+const U64_MAX = (1n << 64n) - 1n;
+
+/** Parses and range-checks an address ("0x1000", "4096", 4096, 4096n). */
+export function toAddress(value: AddressLike, what = 'address'): bigint {
+  let v: bigint;
+  if (typeof value === 'bigint') v = value;
+  else if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value)) throw new UsageError(`${what} ${value} is not a safe integer`, 'pass a bigint for addresses above 2^53');
+    v = BigInt(value);
+  } else if (typeof value === 'string' && /^\s*(0x[0-9a-f_]+|0o[0-7_]+|0b[01_]+|[0-9_]+)\s*$/i.test(value)) {
+    v = BigInt(value.trim().replaceAll('_', ''));
+  } else {
+    throw new UsageError(`${what} ${JSON.stringify(value)} is not an address`, 'give it as a bigint, a number, or a string in hex (0x...) or decimal');
+  }
+  if (v < 0n || v > U64_MAX) throw new UsageError(`${what} ${hex(v)} is outside 0..2^64-1`);
+  return v;
+}
+
+export function hex(v: bigint | number): string {
+  return (v < 0 ? '-0x' : '0x') + (v < 0 ? -BigInt(v) : BigInt(v)).toString(16);
+}
+
+export const pageBase = (a: bigint): bigint => a & ~PAGE_MASK;
+export const pageOffset = (a: bigint): number => Number(a & PAGE_MASK);

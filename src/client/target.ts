@@ -1,0 +1,20 @@
+/**
+ * What a session needs of an introspected VM: its identity, its state and a way
+ * to get map tokens. The channel's `Vm` (one KVMI connection) is one; tests and
+ * other transports can bring their own.
+ */
+import { VmGoneError } from '../channel/errors.js';
+
+export interface TargetVm {
+  readonly uuid: string;
+  readonly name: string;
+  readonly state: 'connected' | 'unhooking' | 'gone';
+  /** n single-use tokens, requested back-to-back (pipelined). */
+  getMapTokens(n: number): Promise<Uint8Array[]>;
+  on(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
+  off(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
+}
+
+export function vmGoneError(vm: TargetVm): VmGoneError {
+  return new VmGoneError(vm.state === 'unhooking' ? 'being unhooked' : 'unhooked or disconnected', { vm: vm.name, syscall: 'KVM_INTRO_MEM_MAP' });
+}

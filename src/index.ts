@@ -1,0 +1,12 @@
+/**
+ * kvmmem: map other VMs' guest-physical memory into this process through
+ * /dev/kvmmem (KVMI), or through the built-in hypercall model ('kvmmem/model').
+ */
+export * from './client/index.js';
+export * from './channel/index.js';
+export * from './inspect/index.js';
+export { LinuxDevice, DEFAULT_DEVICE_PATH } from './device/linux-device.js';
+export type { Device, IoctlArg } from './device/device.js';
+export {
+  KvmmemError, SyscallError, DeviceError, NoDeviceError, NotKvmmemDeviceError, ClosedError, UsageError,
+} from './errors.js';
