@@ -3,3 +3,4 @@ export { Session, MappedPage, MappedRange, type SessionOptions, type SessionStat
 export { UseAfterUnmapError, RetryExhaustedError } from './errors.js';
 export { toAddress, hex, PAGE_SIZE, type AddressLike } from './address.js';
 export type { TargetVm } from './target.js';
+export { ModelLab, type LabOptions, type LabVm, type LabVmSpec } from './model-lab.js';

@@ -359,39 +359,53 @@ export class Session {
     let pending = items.map((_, i) => i);
     let batch = o.maxTokensInFlight;
     let delay = 1;
+    let lastTransient: Error | null = null;
     const records = Buffer.alloc(MEM_MAP_SIZE * Math.min(batch, items.length));
     const results = new Int32Array(Math.min(batch, items.length));
     while (pending.length > 0) {
       const next: number[] = [];
       let transient = false;
-      for (let off = 0; off < pending.length; off += batch) {
+      for (let off = 0; off < pending.length;) {
         const chunk = pending.slice(off, off + batch);
-        let tokens: Uint8Array[];
+        off += chunk.length; // batch may shrink below
+        let got: (Uint8Array | Error)[];
         try {
-          tokens = await vm.getMapTokens(chunk.length);
+          got = await vm.getMapTokensSettled(chunk.length);
         } catch (e) {
-          if (!this.#aliveOrThrow(vm, alive)) throw e;
-          if (e instanceof KvmmemError && e.code === 'EAGAIN' && batch > 1) {
-            batch = Math.max(1, batch >> 1); // the host caps outstanding tokens lower than we thought
-            next.push(...pending.slice(off));
-            transient = true;
-            break;
-          }
+          this.#aliveOrThrow(vm, alive);
           throw this.#rollback(items, e);
         }
-        this.#stats.tokens += tokens.length;
         this.#stats.tokenRoundTrips++;
         this.#aliveOrThrow(vm, alive);
+        // Use every token that came back; requests the host refused (EAGAIN: over its
+        // outstanding limit) go round again with a smaller batch.
+        const use: number[] = [];
+        let n = 0;
         for (let k = 0; k < chunk.length; k++) {
-          const it = items[chunk[k]!]!;
-          encodeMemMap({ token: tokens[k]!, gpa: it.gpa, gva: BigInt(it.address) }, records, k * MEM_MAP_SIZE);
-          it.tries++;
+          const g = got[k]!;
+          if (g instanceof Uint8Array) {
+            const it = items[chunk[k]!]!;
+            encodeMemMap({ token: g, gpa: it.gpa, gva: BigInt(it.address) }, records, n++ * MEM_MAP_SIZE);
+            it.tries++;
+            use.push(chunk[k]!);
+          } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
+            next.push(chunk[k]!);
+            transient = true;
+            lastTransient = g;
+          } else {
+            throw this.#rollback(items, g);
+          }
         }
-        tokens.length = 0;
-        this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, chunk.length, results);
-        records.fill(0, 0, chunk.length * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
-        for (let k = 0; k < chunk.length; k++) {
-          const idx = chunk[k]!;
+        got.length = 0;
+        if (use.length < chunk.length && batch > 1) batch = Math.max(1, use.length);
+        this.#stats.tokens += use.length;
+        if (use.length === 0) continue;
+        this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, use.length, results);
+        records.fill(0, 0, use.length * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+        // Record every success of the batch before acting on a failure, so rollback sees them all.
+        let fatal: unknown = null;
+        for (let k = 0; k < use.length; k++) {
+          const idx = use[k]!;
           const it = items[idx]!;
           const r = results[k]!;
           if (r >= 0) {
@@ -407,15 +421,16 @@ export class Session {
             transient = true;
             next.push(idx);
           } else {
-            const err = (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
+            fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
               ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, it.tries, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
               : vm.state !== 'connected' ? vmGoneError(vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
-            throw this.#rollback(items, err);
           }
         }
+        if (fatal !== null) throw this.#rollback(items, fatal);
       }
       pending = next;
       if (pending.length > 0 && transient) {
+        if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw this.#rollback(items, lastTransient);
         await new Promise((res) => setTimeout(res, delay));
         delay = Math.min(delay * 2, o.retryDelayMs);
         if (!this.#aliveOrThrow(vm, alive)) break;

@@ -9,8 +9,11 @@ export interface TargetVm {
   readonly uuid: string;
   readonly name: string;
   readonly state: 'connected' | 'unhooking' | 'gone';
-  /** n single-use tokens, requested back-to-back (pipelined). */
-  getMapTokens(n: number): Promise<Uint8Array[]>;
+  /**
+   * n single-use tokens requested back-to-back (pipelined): one result per
+   * request, a token or the error the host answered (EAGAIN over its limit).
+   */
+  getMapTokensSettled(n: number): Promise<(Uint8Array | Error)[]>;
   on(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
   off(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
 }
