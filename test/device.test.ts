@@ -37,6 +37,16 @@ test('MAP and UNMAP on /dev/null: ENOTTY, "is not a kvmmem device"', (t) => {
   }
 });
 
+test('probe() tells a kvmmem device from anything else without side effects', (t) => {
+  const dev = LinuxDevice.open('/dev/null');
+  try {
+    const e = t.throws(() => dev.probe(), { instanceOf: NotKvmmemDeviceError });
+    t.regex(e!.message, /\/dev\/null is not a kvmmem device/);
+  } finally {
+    dev.close();
+  }
+});
+
 test('the batch path reports every record and matches the per-call path', (t) => {
   const dev = LinuxDevice.open('/dev/null');
   try {

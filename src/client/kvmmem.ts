@@ -32,7 +32,14 @@ export const KvmMem = {
     } else if ('binding' in options && options.binding) {
       device = options.binding;
     } else {
-      device = LinuxDevice.open(('device' in options && options.device) || DEFAULT_DEVICE_PATH);
+      const dev = LinuxDevice.open(('device' in options && options.device) || DEFAULT_DEVICE_PATH);
+      try {
+        dev.probe(); // a path that is not kvmmem fails here, with the clear error, not at the first MAP
+      } catch (e) {
+        dev.close();
+        throw e;
+      }
+      device = dev;
     }
     return new Session(device, options);
   },

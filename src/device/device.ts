@@ -6,6 +6,8 @@
  * Uint8Array holding the 48-byte kvmi_mem_map) or a plain value (the address
  * passed to KVM_INTRO_MEM_UNMAP).
  */
+import type { KvmmemError } from '../errors.js';
+
 export type IoctlArg = Uint8Array | bigint | number;
 
 export interface Device {
@@ -22,6 +24,8 @@ export interface Device {
    * many succeeded. Never throws for per-record errors.
    */
   ioctlBatch(request: number, args: Uint8Array, stride: number, count: number, results: Int32Array): number;
+  /** The typed error (code, errno, hint) for a request that failed with -errno, e.g. a batch result. */
+  error(request: number, negErrno: number): KvmmemError;
   /** Closes the file: the driver's release() tears down everything this file mapped. */
   close(): void;
 }

@@ -2,7 +2,8 @@
  * What to do about each errno a kvmmem ioctl can return. Shared by the real and
  * the model device so that both throw the same, equally helpful errors.
  */
-import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../abi/ioctl.js';
+import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
+import { DeviceError, NotKvmmemDeviceError, type KvmmemError } from '../errors.js';
 import { ERRNO } from '../abi/errno.js';
 
 const MAP_HINTS: Record<number, string> = {
@@ -27,4 +28,18 @@ export function hintFor(request: number, errno: number): string | undefined {
   if (request === KVM_INTRO_MEM_MAP) return MAP_HINTS[n];
   if (request === KVM_INTRO_MEM_UNMAP) return UNMAP_HINTS[n];
   return undefined;
+}
+
+/**
+ * The typed error for a failed request on the device at `path`: ENOTTY on the
+ * kvmmem requests means "not a kvmmem device"; everything else is a DeviceError
+ * with the hint above. Used for single calls and for batch results alike.
+ */
+export function deviceError(path: string, request: number, negErrno: number): KvmmemError {
+  const name = ioctlName(request);
+  if (-negErrno === ERRNO.ENOTTY && (request === KVM_INTRO_MEM_MAP || request === KVM_INTRO_MEM_UNMAP)) {
+    return new NotKvmmemDeviceError(path, name);
+  }
+  const hint = hintFor(request, negErrno);
+  return new DeviceError(negErrno, name, hint === undefined ? { path } : { path, hint });
 }

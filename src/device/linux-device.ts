@@ -4,10 +4,9 @@
  * UNMAP the page address as the argument *value*.
  */
 import * as libc from '../sys/libc.js';
-import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
-import { ERRNO } from '../abi/errno.js';
-import { ClosedError, DeviceError, KvmmemError, NoDeviceError, NotKvmmemDeviceError, SyscallError } from '../errors.js';
-import { hintFor } from './hints.js';
+import { KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
+import { ClosedError, KvmmemError, NoDeviceError, SyscallError } from '../errors.js';
+import { deviceError } from './hints.js';
 import { ioctlBatchByOne, type Device, type IoctlArg } from './device.js';
 
 export const DEFAULT_DEVICE_PATH = '/dev/kvmmem';
@@ -38,6 +37,21 @@ export class LinuxDevice implements Device {
     }
   }
 
+  /**
+   * Checks that the file is a kvmmem device without changing anything:
+   * UNMAP of address 0 is ENOENT on the driver (nothing is mapped there) and
+   * ENOTTY on anything else, which throws NotKvmmemDeviceError.
+   */
+  probe(): this {
+    try {
+      this.ioctl(KVM_INTRO_MEM_UNMAP, 0);
+    } catch (e) {
+      if (e instanceof KvmmemError && e.code === 'ENOENT') return this;
+      throw e;
+    }
+    return this;
+  }
+
   get closed(): boolean { return this.#fd < 0; }
   /** The file descriptor (for diagnostics and tests). */
   get fd(): number { return this.#fd; }
@@ -61,14 +75,9 @@ export class LinuxDevice implements Device {
     return ioctlBatchByOne((req, a) => libc.ioctlRaw(this.#fd, req, a), request, args, stride, count, results);
   }
 
-  /** Builds the typed error for a failed request (also used for batch results). */
+  /** The typed error for a failed request (also used for batch results). */
   error(request: number, negErrno: number): KvmmemError {
-    const name = ioctlName(request);
-    if (-negErrno === ERRNO.ENOTTY && (request === KVM_INTRO_MEM_MAP || request === KVM_INTRO_MEM_UNMAP)) {
-      return new NotKvmmemDeviceError(this.path, name);
-    }
-    const hint = hintFor(request, negErrno);
-    return new DeviceError(negErrno, name, hint === undefined ? { path: this.path } : { path: this.path, hint });
+    return deviceError(this.path, request, negErrno);
   }
 
   close(): void {
