@@ -290,3 +290,122 @@ export function remapMany(kind: number, addrs: BigUint64Array, lens: BigUint64Ar
     paramsType: [I32, U8Array, U8Array, I32, U8Array, I32, U8Array],
     paramsValue: [kind, bytesOf(addrs), bytesOf(lens), fd, bytesOf(offs), count, bytesOf(results)] }) as number;
 }
+
+// ---- sockets (vsock transport) ----
+// Node cannot drive an AF_VSOCK fd (net.Socket({ fd }) throws ERR_INVALID_FD_TYPE),
+// so src/channel does socket I/O on raw fds. Everything here is non-blocking and
+// returns -errno (no throw) except socket/bind/listen/getsockname/pipe2, which
+// throw SyscallError. The only call that blocks is poll(), run through ffi-rs's
+// `runInNewThread` (a libuv thread-pool thread), so the event loop never blocks.
+export const AF_UNIX = 1, AF_VSOCK = 40;
+export const SOCK_STREAM = 1, SOCK_NONBLOCK = 0o4000, SOCK_CLOEXEC = 0o2000000;
+export const O_NONBLOCK = 0o4000;
+export const SHUT_RD = 0, SHUT_WR = 1, SHUT_RDWR = 2;
+export const VMADDR_CID_ANY = 0xffffffff, VMADDR_CID_LOCAL = 1, VMADDR_CID_HOST = 2, VMADDR_PORT_ANY = 0xffffffff;
+export const POLLIN = 0x1, POLLOUT = 0x4, POLLERR = 0x8, POLLHUP = 0x10, POLLNVAL = 0x20;
+export const SOCKADDR_VM_SIZE = 16, SOCKADDR_UN_SIZE = 110, POLLFD_SIZE = 8;
+
+/** struct sockaddr_vm { u16 family; u16 reserved1; u32 port; u32 cid; u8 zero[4]; } (16 bytes). */
+export function sockaddrVm(port: number, cid: number = VMADDR_CID_ANY): Buffer {
+  if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) throw new RangeError(`vsock port must be a u32, got ${String(port)}`);
+  if (!Number.isInteger(cid) || cid < 0 || cid > 0xffffffff) throw new RangeError(`vsock cid must be a u32, got ${String(cid)}`);
+  const a = Buffer.alloc(SOCKADDR_VM_SIZE);
+  a.writeUInt16LE(AF_VSOCK, 0);
+  a.writeUInt32LE(port, 4);
+  a.writeUInt32LE(cid, 8);
+  return a;
+}
+
+/** struct sockaddr_un { u16 family; char path[108]; }; the path must fit with its NUL. */
+export function sockaddrUn(path: string): Buffer {
+  const p = Buffer.from(path, 'utf8');
+  if (p.length === 0 || p.length > 107 || p.includes(0)) throw new RangeError(`unix socket path must be 1..107 bytes without NUL, got ${p.length} bytes`);
+  const a = Buffer.alloc(SOCKADDR_UN_SIZE);
+  a.writeUInt16LE(AF_UNIX, 0);
+  p.copy(a, 2);
+  return a;
+}
+
+/** socket(2); always add SOCK_CLOEXEC. Returns the fd. */
+export function socket(domain: number, type: number, protocol = 0): number {
+  const r = load({ library: LIBC, funcName: 'socket', retType: I32, paramsType: [I32, I32, I32], paramsValue: [domain, type | SOCK_CLOEXEC, protocol], errno: true }) as Errno<number>;
+  if (r.value < 0) {
+    fail('socket', r.errnoCode, undefined, r.errnoCode === 97 || r.errnoCode === 93
+      ? 'this kernel has no support for that socket family (for vsock: load the vsock/vhost_vsock or vmw_vsock_virtio_transport module)'
+      : undefined);
+  }
+  return r.value;
+}
+
+/** bind(2) to an address built by sockaddrVm/sockaddrUn. */
+export function bind(fd: number, addr: Buffer): void {
+  const r = load({ library: LIBC, funcName: 'bind', retType: I32, paramsType: [I32, U8Array, I32], paramsValue: [fd, addr, addr.length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('bind', r.errnoCode);
+}
+
+export function listen(fd: number, backlog: number): void {
+  const r = load({ library: LIBC, funcName: 'listen', retType: I32, paramsType: [I32, I32], paramsValue: [fd, backlog], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('listen', r.errnoCode);
+}
+
+/** getsockname(2) into a buffer of `size` bytes (e.g. SOCKADDR_VM_SIZE). */
+export function getsockname(fd: number, size: number): Buffer {
+  const addr = Buffer.alloc(size);
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(size, 0);
+  const r = load({ library: LIBC, funcName: 'getsockname', retType: I32, paramsType: [I32, U8Array, U8Array], paramsValue: [fd, addr, len], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('getsockname', r.errnoCode);
+  return addr.subarray(0, Math.min(size, len.readUInt32LE(0)));
+}
+
+/** accept4(fd, NULL, NULL, flags | SOCK_CLOEXEC): the new fd, or -errno (-EAGAIN on an idle non-blocking listener). */
+export function accept4(fd: number, flags = 0): number {
+  const r = load({ library: LIBC, funcName: 'accept4', retType: I32, paramsType: [I32, U64, U64, I32], paramsValue: [fd, 0, 0, flags | SOCK_CLOEXEC], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+/** read(2) into buf[0, len): bytes read (0 = EOF) or -errno. */
+export function read(fd: number, buf: Uint8Array, len: number = buf.length): number {
+  if (len > buf.length) throw new RangeError(`read: len ${len} exceeds the ${buf.length}-byte buffer`);
+  const r = load({ library: LIBC, funcName: 'read', retType: I64, paramsType: [I32, U8Array, U64], paramsValue: [fd, buf, len], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+/** write(2) of buf[0, len): bytes written or -errno (Node ignores SIGPIPE, so a closed peer gives -EPIPE). */
+export function write(fd: number, buf: Uint8Array, len: number = buf.length): number {
+  if (len > buf.length) throw new RangeError(`write: len ${len} exceeds the ${buf.length}-byte buffer`);
+  const r = load({ library: LIBC, funcName: 'write', retType: I64, paramsType: [I32, U8Array, U64], paramsValue: [fd, buf, len], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+/** shutdown(2): 0 or -errno. */
+export function shutdown(fd: number, how: number): number {
+  const r = load({ library: LIBC, funcName: 'shutdown', retType: I32, paramsType: [I32, I32], paramsValue: [fd, how], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+/** close(2) returning 0 or -errno (for teardown paths that must not throw). */
+export function closeRaw(fd: number): number {
+  const r = load({ library: LIBC, funcName: 'close', retType: I32, paramsType: [I32], paramsValue: [fd], errno: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}
+
+/** pipe2(2) with O_CLOEXEC | flags: [readFd, writeFd]. */
+export function pipe2(flags = 0): [number, number] {
+  const fds = Buffer.alloc(8);
+  const r = load({ library: LIBC, funcName: 'pipe2', retType: I32, paramsType: [U8Array, I32], paramsValue: [fds, flags | O_CLOEXEC], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('pipe2', r.errnoCode);
+  return [fds.readInt32LE(0), fds.readInt32LE(4)];
+}
+
+/**
+ * poll(2) over `nfds` struct pollfd {i32 fd; i16 events; i16 revents} in `fds`,
+ * run on a libuv thread-pool thread (ffi-rs runInNewThread): resolves with the
+ * number of ready fds or -errno; revents are written into `fds` in place. The
+ * caller must keep `fds` referenced and untouched until the promise settles.
+ */
+export async function poll(fds: Buffer, nfds: number, timeoutMs: number): Promise<number> {
+  if (nfds * POLLFD_SIZE > fds.length) throw new RangeError(`poll: ${nfds} pollfds do not fit in ${fds.length} bytes`);
+  const r = await load({ library: LIBC, funcName: 'poll', retType: I32, paramsType: [U8Array, U64, I32], paramsValue: [fds, nfds, timeoutMs], errno: true, runInNewThread: true }) as Errno<number>;
+  return r.value < 0 ? -r.errnoCode : r.value;
+}

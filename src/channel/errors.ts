@@ -1,0 +1,93 @@
+/**
+ * Errors of the KVMI socket channel (tool side). All extend KvmmemError, so
+ * callers switch on `code` as everywhere else in the library:
+ *
+ * - KvmiError     the host answered a command with err != 0 (code 'EAGAIN', ...)
+ * - VmGoneError   'VM_GONE': the connection ended (unhook, close, protocol error)
+ * - ProtocolError 'ERR_KVMI_PROTOCOL': framing/handshake violation (`reason`)
+ * - TimeoutError  'ETIMEDOUT'
+ *
+ * Messages never contain token bytes.
+ */
+import { ERRNO, errnoName } from '../abi/errno.js';
+import { describeErrno, KvmmemError } from '../errors.js';
+
+const KVMI_HINTS: Readonly<Record<number, string>> = {
+  [ERRNO.EAGAIN]: 'too many unconsumed tokens on the host: consume or let them expire (3 s) before asking for more',
+  [ERRNO.ENOSYS]: 'the host does not implement this command',
+  [ERRNO.KVM_ENOSYS]: 'the host does not implement this command',
+  [ERRNO.EINVAL]: 'the host rejected the message: non-zero padding or invalid arguments',
+  [ERRNO.EPERM]: 'the host does not allow this command or event for this VM (it is disallowed by the device manager or KVM)',
+  [ERRNO.ENOMEM]: 'the host is out of memory',
+};
+
+/** The host answered a command with a non-zero error code. */
+export class KvmiError extends KvmmemError {
+  /** The seq of the request this error answers. */
+  readonly seq: number | undefined;
+
+  /**
+   * `err` as carried in kvmi_error_code (negative, e.g. -11 or -1000 for
+   * -KVM_ENOSYS); `message` is the command name, e.g. 'KVMI_GET_MAP_TOKEN'.
+   */
+  constructor(err: number, message: string, opts: { seq?: number; hint?: string; vm?: string } = {}) {
+    const n = Math.abs(err);
+    const hint = opts.hint ?? KVMI_HINTS[n];
+    super(`${describeErrno(n, message)}${opts.vm === undefined ? '' : ` [VM ${opts.vm}]`}`, {
+      code: errnoName(n), errno: -n, syscall: message, ...(hint === undefined ? {} : { hint }),
+    });
+    this.seq = opts.seq;
+  }
+}
+
+const GONE_HINT = 'the VM was unhooked or its connection closed; wait for it to reconnect (server.waitForVm) and map again';
+
+/** The VM's connection is gone (or going): every pending and later request fails with this. */
+export class VmGoneError extends KvmmemError {
+  /** Why the connection ended, e.g. 'unhooked by the host', 'connection closed by the host'. */
+  readonly reason: string;
+
+  constructor(reason: string, opts: { vm?: string; syscall?: string; cause?: unknown } = {}) {
+    super(`${opts.syscall === undefined ? '' : `${opts.syscall}: `}VM ${opts.vm === undefined ? '' : `${opts.vm} `}is gone (${reason})`, {
+      code: 'VM_GONE', hint: GONE_HINT,
+      ...(opts.syscall === undefined ? {} : { syscall: opts.syscall }),
+      ...(opts.cause === undefined ? {} : { cause: opts.cause }),
+    });
+    this.reason = reason;
+  }
+}
+
+/** A handshake or framing violation by the peer; the connection is closed when this is raised. */
+export class ProtocolError extends KvmmemError {
+  readonly reason: string;
+
+  constructor(reason: string, opts: { cause?: unknown; hint?: string } = {}) {
+    super(`KVMI protocol violation: ${reason}`, {
+      code: 'ERR_KVMI_PROTOCOL',
+      ...(opts.hint === undefined ? {} : { hint: opts.hint }),
+      ...(opts.cause === undefined ? {} : { cause: opts.cause }),
+    });
+    this.reason = reason;
+  }
+}
+
+/** Something did not happen in time (a reply, a handshake, a VM connecting). */
+export class TimeoutError extends KvmmemError {
+  readonly timeoutMs: number;
+
+  constructor(what: string, timeoutMs: number, opts: { syscall?: string; hint?: string } = {}) {
+    super(`${what} timed out after ${timeoutMs} ms`, {
+      code: 'ETIMEDOUT', errno: -ERRNO.ETIMEDOUT!,
+      ...(opts.syscall === undefined ? {} : { syscall: opts.syscall }),
+      ...(opts.hint === undefined ? {} : { hint: opts.hint }),
+    });
+    this.timeoutMs = timeoutMs;
+  }
+}
+
+/** The server was closed while something was waiting on it. */
+export class ServerClosedError extends KvmmemError {
+  constructor(what: string) {
+    super(`${what}: the introspection server is closed`, { code: 'ERR_SERVER_CLOSED' });
+  }
+}

@@ -1,0 +1,400 @@
+/**
+ * The introspection tool's end of KVMI: like libkvmi, the tool listens (unix
+ * socket or vsock) and device managers connect, one connection per VM.
+ *
+ * Per connection: read kvmi_qemu2introspector (struct_size first; larger
+ * structs from newer peers are accepted and cut, shorter ones zero-filled),
+ * answer kvmi_introspector2qemu {24, SHA-1(cookie)}, then GET_VERSION and
+ * CONTROL_VM_EVENTS(UNHOOK) (v6), and only then announce the VM ('vm').
+ * A failure before that is reported as 'rejected' ({ reason, error }) and the
+ * connection is closed. The device manager checks the cookie hash and hangs up
+ * on a mismatch, so a wrong cookie shows up here as the peer closing before
+ * answering GET_VERSION: 'handshake rejected by the device manager (wrong cookie?)'.
+ *
+ * vsock: Node cannot drive AF_VSOCK fds, so that transport runs on raw fds
+ * (./rawfd.ts); the connection logic takes any Duplex (see adopt()).
+ */
+import { EventEmitter } from 'node:events';
+import { lstatSync, unlinkSync } from 'node:fs';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { debuglog } from 'node:util';
+import {
+  decodeQemu2Introspector, encodeIntrospector2Qemu, readStructSized, type KvmiProtocol, type Qemu2Introspector,
+} from '../abi/kvmi.js';
+import { cookieHash } from '../abi/cookie.js';
+import { KvmmemError, UsageError } from '../errors.js';
+import { ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
+import { RawSocketListener } from './rawfd.js';
+import { Vm } from './vm.js';
+
+const debug = debuglog('kvmmem');
+
+export type ListenAddress = { unix: string } | { vsock: number; cid?: number };
+export type BoundAddress = { unix: string } | { vsock: number; cid: number };
+
+export interface IntrospectionServerOptions {
+  /** Shared secret; its SHA-1 goes into the handshake reply (default 'kvmmem'). */
+  cookie?: string | Uint8Array;
+  /** Message ids to speak (default 'v6'). */
+  protocol?: KvmiProtocol;
+  /** Time for the device manager to send its handshake struct (default 5000 ms). */
+  handshakeTimeoutMs?: number;
+  /** Per-request reply timeout (default 10000 ms). */
+  requestTimeoutMs?: number;
+  /** A partial frame stalled this long is a violation (default: requestTimeoutMs). */
+  frameTimeoutMs?: number;
+  /** Enable KVMI_EVENT_UNHOOK with CONTROL_VM_EVENTS on connect (v6; default true). */
+  enableUnhookEvent?: boolean;
+  /** Each Vm closes its socket after answering UNHOOK (default true). */
+  autoCloseOnUnhook?: boolean;
+}
+
+export interface RejectedInfo {
+  reason: string;
+  /** A ProtocolError (handshake/framing), TimeoutError or the socket error. */
+  error: Error;
+  transport: string;
+  /** Known once the handshake struct was read. */
+  uuid?: string;
+  name?: string;
+}
+
+export interface VmFilter { name?: string; uuid?: string }
+
+export declare interface IntrospectionServer {
+  on(event: 'vm', listener: (vm: Vm) => void): this;
+  on(event: 'rejected', listener: (info: RejectedInfo) => void): this;
+  on(event: 'error', listener: (err: Error) => void): this;
+  once(event: 'vm', listener: (vm: Vm) => void): this;
+  once(event: 'rejected', listener: (info: RejectedInfo) => void): this;
+  once(event: 'error', listener: (err: Error) => void): this;
+}
+
+type Resolved = Required<Omit<IntrospectionServerOptions, 'cookie'>>;
+
+export class IntrospectionServer extends EventEmitter {
+  readonly options: Readonly<Resolved>;
+  readonly #hash: Uint8Array;
+  #address: BoundAddress | null = null;
+  #net: net.Server | null = null;
+  #raw: RawSocketListener | null = null;
+  #unixIno: number | null = null;
+  #closed = false;
+  #handshaking = new Set<Duplex>();
+  #initializing = new Set<Vm>();
+  #vms = new Set<Vm>();
+  #waiters = new Set<(vm: Vm | Error) => boolean>();
+
+  private constructor(options: IntrospectionServerOptions) {
+    super();
+    const cookie = options.cookie ?? 'kvmmem';
+    if (typeof cookie !== 'string' && !(cookie instanceof Uint8Array)) throw new UsageError('cookie must be a string or a Uint8Array');
+    const protocol = options.protocol ?? 'v6';
+    if (protocol !== 'v4' && protocol !== 'v6') throw new UsageError(`protocol must be 'v4' or 'v6', got ${JSON.stringify(protocol)}`);
+    const requestTimeoutMs = checkMs('requestTimeoutMs', options.requestTimeoutMs ?? 10_000);
+    this.options = Object.freeze({
+      protocol,
+      handshakeTimeoutMs: checkMs('handshakeTimeoutMs', options.handshakeTimeoutMs ?? 5000),
+      requestTimeoutMs,
+      frameTimeoutMs: checkMs('frameTimeoutMs', options.frameTimeoutMs ?? requestTimeoutMs),
+      enableUnhookEvent: options.enableUnhookEvent ?? true,
+      autoCloseOnUnhook: options.autoCloseOnUnhook ?? true,
+    });
+    this.#hash = cookieHash(cookie);
+  }
+
+  /** Listens on a unix socket path or a vsock port (cid default VMADDR_CID_ANY; port 0xffffffff = any). */
+  static async listen(address: ListenAddress, options: IntrospectionServerOptions = {}): Promise<IntrospectionServer> {
+    const server = new IntrospectionServer(options);
+    if (address !== null && typeof address === 'object' && 'unix' in address && typeof address.unix === 'string') {
+      await server.#listenUnix(address.unix);
+    } else if (address !== null && typeof address === 'object' && 'vsock' in address && typeof address.vsock === 'number') {
+      server.#listenVsock(address.vsock, address.cid);
+    } else {
+      throw new UsageError('listen address must be { unix: path } or { vsock: port, cid? }');
+    }
+    return server;
+  }
+
+  /** A server without a listener: feed it connected streams with adopt() (custom transports, socat bridges, tests). */
+  static create(options: IntrospectionServerOptions = {}): IntrospectionServer {
+    return new IntrospectionServer(options);
+  }
+
+  /** Where it listens; null for a server from create(). */
+  get address(): BoundAddress | null {
+    return this.#address === null ? null : { ...this.#address };
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Announced VMs whose connection is still open (connected or unhooking). */
+  vms(): Vm[] {
+    return [...this.#vms];
+  }
+
+  /**
+   * Resolves with a connected VM matching the filter (all given fields must
+   * match; uuid case-insensitively), one already connected included.
+   */
+  waitForVm(filter: VmFilter = {}, timeoutMs = 30_000): Promise<Vm> {
+    const match = (vm: Vm) => vm.state === 'connected'
+      && (filter.name === undefined || vm.name === filter.name)
+      && (filter.uuid === undefined || vm.uuid === filter.uuid.toLowerCase());
+    const found = this.vms().find(match);
+    if (found !== undefined) return Promise.resolve(found);
+    if (this.#closed) return Promise.reject(new ServerClosedError('waitForVm'));
+    return new Promise<Vm>((resolve, reject) => {
+      const waiter = (vm: Vm | Error): boolean => {
+        if (vm instanceof Error) {
+          done();
+          reject(vm);
+          return true;
+        }
+        if (!match(vm)) return false;
+        done();
+        resolve(vm);
+        return true;
+      };
+      const timer = setTimeout(() => {
+        done();
+        const what = [filter.name === undefined ? '' : `name ${JSON.stringify(filter.name)}`, filter.uuid === undefined ? '' : `uuid ${filter.uuid}`].filter(Boolean).join(', ');
+        reject(new TimeoutError(`waiting for a VM${what === '' ? '' : ` (${what})`}`, timeoutMs, {
+          hint: 'no matching device manager connected: check that QEMU points at this socket and uses the same cookie (see the server\'s \'rejected\' events)',
+        }));
+      }, timeoutMs);
+      const done = () => {
+        clearTimeout(timer);
+        this.#waiters.delete(waiter);
+      };
+      this.#waiters.add(waiter);
+    });
+  }
+
+  /**
+   * Runs the tool side of the protocol on an already connected stream: the
+   * handshake, then a Vm. `transport` only labels messages.
+   */
+  adopt(stream: Duplex, transport = 'stream'): void {
+    stream.on('error', (e: Error) => debug('%s connection: socket error %s', transport, e.message)); // never unhandled
+    if (this.#closed) {
+      stream.destroy();
+      return;
+    }
+    this.#handshake(stream, transport);
+  }
+
+  /** Stops listening, closes every connection (VMs get 'gone'), removes the unix socket file. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const err = new ServerClosedError('waitForVm');
+    for (const w of [...this.#waiters]) w(err);
+    for (const vm of [...this.#vms, ...this.#initializing]) vm.close('introspection server closed');
+    for (const s of [...this.#handshaking]) s.destroy();
+    if (this.#raw !== null) this.#raw.close();
+    if (this.#net !== null) {
+      const srv = this.#net;
+      await new Promise<void>((resolve) => srv.close(() => resolve()));
+      this.#unlinkOwnSocket();
+    }
+    debug('introspection server closed');
+  }
+
+  // ---- listening ----
+
+  async #listenUnix(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    const srv = net.createServer({ allowHalfOpen: false });
+    await new Promise<void>((resolve, reject) => {
+      const onError = (e: NodeJS.ErrnoException) => {
+        reject(new KvmmemError(`listen ${path}: ${e.message}`, {
+          code: e.code ?? 'EIO', ...(e.errno === undefined ? {} : { errno: e.errno }), syscall: 'listen', path, cause: e,
+          ...(e.code === 'EACCES' ? { hint: 'no permission to create the socket there: choose a directory you own' } : {}),
+        }));
+      };
+      srv.once('error', onError);
+      srv.listen(path, () => {
+        srv.off('error', onError);
+        resolve();
+      });
+    });
+    this.#net = srv;
+    try {
+      this.#unixIno = lstatSync(path).ino;
+    } catch { /* removed behind our back */ }
+    this.#address = { unix: path };
+    srv.on('connection', (s: net.Socket) => this.adopt(s, 'unix'));
+    srv.on('error', (e: Error) => this.#emitError(e));
+    debug('introspection server listening on unix:%s', path);
+  }
+
+  #listenVsock(port: number, cid?: number): void {
+    const l = RawSocketListener.listenVsock(port, cid);
+    this.#raw = l;
+    const a = l.address as { port: number; cid: number };
+    this.#address = { vsock: a.port, cid: a.cid };
+    l.on('connection', (s: Duplex) => this.adopt(s, 'vsock'));
+    l.on('error', (e: Error) => this.#emitError(e));
+    debug('introspection server listening on vsock:%d (cid %d)', a.port, a.cid);
+  }
+
+  #unlinkOwnSocket(): void {
+    if (this.#address === null || !('unix' in this.#address)) return;
+    const path = this.#address.unix;
+    try {
+      const st = lstatSync(path);
+      if (st.isSocket() && (this.#unixIno === null || st.ino === this.#unixIno)) unlinkSync(path);
+    } catch { /* already gone */ }
+  }
+
+  #emitError(e: Error): void {
+    if (this.listenerCount('error') > 0) this.emit('error', e);
+    else debug('introspection server error (no listener): %s', e.message);
+  }
+
+  // ---- per connection ----
+
+  #handshake(stream: Duplex, transport: string): void {
+    let buf: Buffer = Buffer.alloc(0);
+    let done = false;
+    this.#handshaking.add(stream);
+    const cleanup = () => {
+      done = true;
+      this.#handshaking.delete(stream);
+      clearTimeout(timer);
+      stream.off('data', onData);
+      stream.off('end', onEnd);
+      stream.off('close', onEnd);
+      stream.off('error', onError);
+    };
+    const fail = (reason: string, cause?: unknown) => {
+      if (done) return;
+      cleanup();
+      stream.destroy();
+      this.#rejected({ reason, error: new ProtocolError(reason, cause === undefined ? {} : { cause }), transport });
+    };
+    const expected = () => (buf.length >= 4 ? buf.readUInt32LE(0) : undefined);
+    const onData = (chunk: Buffer) => {
+      if (done) return;
+      buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+      let r: ReturnType<typeof readStructSized>;
+      let hello: Qemu2Introspector;
+      try {
+        r = readStructSized(buf);
+        if (r === null) return;
+        hello = decodeQemu2Introspector(r.struct);
+      } catch (e) {
+        fail(`malformed handshake: ${(e as Error).message}`, e);
+        return;
+      }
+      cleanup();
+      if (hello.padding !== 0) debug('%s handshake: non-zero padding 0x%s ignored', transport, hello.padding.toString(16));
+      stream.write(encodeIntrospector2Qemu({ cookieHash: this.#hash }));
+      void this.#initVm(stream, hello, transport, buf.subarray(r.consumed));
+    };
+    const onEnd = () => {
+      const n = expected();
+      fail(buf.length === 0 ? 'connection closed before the handshake'
+        : `connection closed during the handshake (truncated kvmi_qemu2introspector: ${buf.length} of ${n === undefined ? 'at least 4' : n} bytes)`);
+    };
+    const onError = (e: Error) => fail(`socket error during the handshake: ${e.message}`, e);
+    const timer = setTimeout(() => {
+      fail(`handshake timed out after ${this.options.handshakeTimeoutMs} ms (received ${buf.length} bytes of kvmi_qemu2introspector)`);
+    }, this.options.handshakeTimeoutMs);
+    timer.unref();
+    stream.on('data', onData);
+    stream.on('end', onEnd);
+    stream.on('close', onEnd);
+    stream.on('error', onError);
+  }
+
+  async #initVm(stream: Duplex, hello: Qemu2Introspector, transport: string, leftover: Buffer): Promise<void> {
+    const o = this.options;
+    const vm = new Vm(stream, hello, {
+      protocol: o.protocol, requestTimeoutMs: o.requestTimeoutMs, frameTimeoutMs: o.frameTimeoutMs,
+      autoCloseOnUnhook: o.autoCloseOnUnhook, transport,
+    }, leftover);
+    this.#initializing.add(vm);
+    try {
+      if (vm.state !== 'connected') throw new VmGoneError(vm.goneInfo?.reason ?? 'closed');
+      await vm._init({ enableUnhookEvent: o.enableUnhookEvent });
+      if (vm.state !== 'connected') throw new VmGoneError(vm.goneInfo?.reason ?? 'closed');
+    } catch (e) {
+      vm.close(`initialisation failed: ${(e as Error).message}`);
+      const info = vm.goneInfo;
+      const reason = info?.reason ?? (e as Error).message;
+      let error: Error = e as Error;
+      if (info?.error instanceof ProtocolError) error = info.error;
+      else if (!(error instanceof ProtocolError) && !(error instanceof TimeoutError)) error = new ProtocolError(reason, { cause: e });
+      this.#rejected({ reason, error, transport, uuid: vm.uuid, name: vm.name });
+      return;
+    } finally {
+      this.#initializing.delete(vm);
+    }
+    if (this.#closed) {
+      vm.close('introspection server closed');
+      return;
+    }
+    this.#vms.add(vm);
+    vm.once('gone', () => this.#vms.delete(vm));
+    debug('introspection server: VM %s (%s) ready, KVMI version %d', vm.name, vm.uuid, vm.version);
+    for (const w of [...this.#waiters]) if (w(vm)) break;
+    try {
+      this.emit('vm', vm);
+    } catch (e) {
+      process.nextTick(() => { throw e; }); // a throwing 'vm' listener is the caller's bug: surface it
+    }
+  }
+
+  #rejected(info: RejectedInfo): void {
+    debug('introspection server: %s connection rejected: %s', info.transport, info.reason);
+    if (this.#closed) return;
+    this.emit('rejected', info);
+  }
+}
+
+function checkMs(what: string, v: number): number {
+  if (typeof v !== 'number' || Number.isNaN(v) || v <= 0) throw new UsageError(`${what} must be a positive number of milliseconds, got ${String(v)}`);
+  return v;
+}
+
+/**
+ * A leftover socket file from a previous run blocks listen(). Remove it only
+ * if it is a socket nobody accepts on; a live one is an error (another tool
+ * is serving there), anything else is never touched.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) {
+    throw new KvmmemError(`listen ${path}: the path exists and is not a socket`, {
+      code: 'EADDRINUSE', errno: -98, syscall: 'listen', path, hint: 'choose another path or remove that file yourself',
+    });
+  }
+  const live = await new Promise<boolean>((resolve) => {
+    const c = net.connect(path);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+  if (live) {
+    throw new KvmmemError(`listen ${path}: another process is accepting connections on this socket`, {
+      code: 'EADDRINUSE', errno: -98, syscall: 'listen', path, hint: 'stop the other introspection tool or choose another path',
+    });
+  }
+  try {
+    unlinkSync(path);
+    debug('removed stale socket %s', path);
+  } catch { /* raced with someone else: listen() will tell */ }
+}
+

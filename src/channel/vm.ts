@@ -1,0 +1,586 @@
+/**
+ * One introspected VM = one KVMI connection (after the handshake). Frames
+ * messages (kvmi_msg_hdr + body), matches replies to requests by seq so any
+ * number can be in flight, answers host events, and turns error codes into
+ * typed errors. Works over any connected Duplex (unix socket, vsock RawFdDuplex,
+ * an in-memory pair).
+ *
+ * Framing is checked header-first: a reply whose seq answers nothing, whose id
+ * does not match its request, or whose size does not fit the command is a
+ * violation as soon as its 8-byte header arrives (no waiting for a body that
+ * may never come). Any violation closes the connection and is reported through
+ * 'gone' ({ reason, error: ProtocolError }); 'error' is never emitted.
+ */
+import { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
+import { debuglog } from 'node:util';
+import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
+import {
+  decodeEvent, decodeGetVersionReply, decodeMsgHdr, encodeControlVmEvents, encodeEventReply, encodeMessage,
+  kvmiMessageName, ERROR_CODE_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
+  KVMI_IDS, MSG_HDR_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
+} from '../abi/kvmi.js';
+import { MEM_TOKEN_SIZE } from '../abi/structs.js';
+import { ERRNO } from '../abi/errno.js';
+import { UsageError } from '../errors.js';
+import { KvmiError, ProtocolError, TimeoutError, VmGoneError } from './errors.js';
+
+const debug = debuglog('kvmmem');
+
+/** Largest event body accepted (kvmi_event + x86 arch data is ~1 KiB); more is a framing error. */
+export const MAX_EVENT_BODY = 4096;
+/** Most requests getMapTokens()/requestMany() put in one write. */
+export const MAX_PIPELINE = 4096;
+/** Timed-out requests whose late replies are still tolerated; beyond this the host is deemed stuck. */
+const MAX_ABANDONED = 256;
+/** Host-side cap on unconsumed tokens (v6 KVMI_MEM_MAX_TOKENS; v4 has none). */
+export const HOST_TOKEN_LIMIT: Readonly<Record<KvmiProtocol, number>> = Object.freeze({ v4: Infinity, v6: 8 });
+
+const EMPTY = Buffer.alloc(0);
+
+export type VmState = 'connected' | 'unhooking' | 'gone';
+
+export interface VmGoneInfo {
+  reason: string;
+  /** Present when the end was abnormal: ProtocolError for violations, the socket error otherwise. */
+  error?: Error;
+}
+
+export interface VmUnhookInfo { vcpu: number; seq: number }
+
+/** Any other host event ('event'); it has been answered with ACTION_CONTINUE. */
+export interface VmEventInfo { event: number; vcpu: number; seq: number; body: Buffer }
+
+export interface VmOptions {
+  protocol?: KvmiProtocol;
+  /** Per-request reply timeout (default 10000 ms). */
+  requestTimeoutMs?: number;
+  /** A partial frame with no new bytes for this long is a violation (default: requestTimeoutMs). */
+  frameTimeoutMs?: number;
+  /** Close the socket after answering the UNHOOK event (default true). */
+  autoCloseOnUnhook?: boolean;
+  /** 'unix', 'vsock' or 'stream'; for messages only. */
+  transport?: string;
+}
+
+export interface RequestOptions {
+  /** Exact size of the data after kvmi_error_code on success; other sizes are framing errors. */
+  expect?: number;
+  timeoutMs?: number;
+  /** Name for errors and logs (default: from the id, e.g. 'KVMI_GET_MAP_TOKEN'). */
+  name?: string;
+}
+
+interface Expectation { id: number; name: string; expect: number | undefined }
+
+interface Pending extends Expectation {
+  seq: number;
+  resolve(data: Buffer): void;
+  reject(e: Error): void;
+  timer: NodeJS.Timeout | null;
+}
+
+/** 8-4-4-4-12 lowercase hex. uuid's stringify when the bytes form an RFC 9562 UUID; QEMU accepts any 16 bytes, so others are formatted the same way. */
+export function formatUuid(bytes: Uint8Array): string {
+  if (bytes.length !== 16) throw new RangeError(`a UUID is 16 bytes, got ${bytes.length}`);
+  const hex = Buffer.from(bytes).toString('hex');
+  const s = `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  return uuidValidate(s) ? uuidStringify(bytes) : s;
+}
+
+/**
+ * kvmi_qemu2introspector.start_time is an s64 without a documented unit; QEMU
+ * fills it from time(NULL) (seconds since the epoch). Values are read by
+ * magnitude: < 1e11 seconds, < 1e14 milliseconds, < 1e17 microseconds, else
+ * nanoseconds. 0 or negative: unknown (null).
+ */
+export function startTimeToDate(t: bigint): Date | null {
+  if (t <= 0n) return null;
+  let ms: bigint;
+  if (t < 100_000_000_000n) ms = t * 1000n;
+  else if (t < 100_000_000_000_000n) ms = t;
+  else if (t < 100_000_000_000_000_000n) ms = t / 1000n;
+  else ms = t / 1_000_000n;
+  return new Date(Number(ms));
+}
+
+export declare interface Vm {
+  on(event: 'unhook', listener: (info: VmUnhookInfo) => void): this;
+  on(event: 'gone', listener: (info: VmGoneInfo) => void): this;
+  on(event: 'event', listener: (info: VmEventInfo) => void): this;
+  once(event: 'unhook', listener: (info: VmUnhookInfo) => void): this;
+  once(event: 'gone', listener: (info: VmGoneInfo) => void): this;
+  once(event: 'event', listener: (info: VmEventInfo) => void): this;
+}
+
+/**
+ * A connected, introspected VM. Created by IntrospectionServer (after the
+ * handshake, GET_VERSION and enabling the UNHOOK event), never directly.
+ *
+ * Events: 'unhook' ({ vcpu, seq }) synchronously when KVMI_EVENT_UNHOOK
+ * arrives (state is already 'unhooking'); after all listeners return, the
+ * event is answered with ACTION_CONTINUE and, if autoCloseOnUnhook, the
+ * socket is closed (the signal the device manager waits for). 'gone'
+ * ({ reason, error? }) exactly once when the connection ends for any reason.
+ * 'event' for other host events (already answered with CONTINUE).
+ */
+export class Vm extends EventEmitter {
+  /** The VM's UUID as sent by the device manager, 8-4-4-4-12 lowercase hex. */
+  readonly uuid: string;
+  /** The VM's name (kvmi_qemu2introspector.name, up to 63 bytes). */
+  readonly name: string;
+  /** Raw s64 start_time from the handshake (QEMU: seconds since the epoch). */
+  readonly startTime: bigint;
+  /** startTime read as a date (see startTimeToDate); null if it is 0/negative. */
+  readonly startDate: Date | null;
+  /** struct_size the device manager sent (96 today; other sizes were accepted). */
+  readonly handshakeStructSize: number;
+  readonly protocol: KvmiProtocol;
+  readonly transport: string;
+  /** Host-side limit on unconsumed tokens (8 on v6, Infinity on v4): a hint for batching, not enforced here. */
+  readonly tokenLimit: number;
+  /** Close the socket after answering UNHOOK (default true); may be changed at any time. */
+  autoCloseOnUnhook: boolean;
+  #version = 0;
+  #versionInfo: GetVersionReply | null = null;
+  #unhookEventEnabled = false;
+
+  readonly #stream: Duplex;
+  readonly #ids: KvmiMessageIds;
+  readonly #requestTimeoutMs: number;
+  readonly #frameTimeoutMs: number;
+  #state: VmState = 'connected';
+  #ready = false;
+  #goneInfo: VmGoneInfo | null = null;
+  #acc: Buffer = EMPTY;
+  #stallTimer: NodeJS.Timeout | null = null;
+  #pending = new Map<number, Pending>();
+  #abandoned = new Map<number, Expectation>();
+  #seq = 0;
+  #maxInFlight = 0;
+  #received = 0;
+
+  /** @internal Used by IntrospectionServer once the handshake is done; `leftover` = bytes read past it. */
+  constructor(stream: Duplex, hello: Qemu2Introspector, options: VmOptions = {}, leftover: Buffer = EMPTY) {
+    super();
+    this.protocol = options.protocol ?? 'v6';
+    this.#ids = KVMI_IDS[this.protocol];
+    this.uuid = formatUuid(hello.uuid);
+    this.name = hello.name;
+    this.startTime = hello.startTime;
+    this.startDate = startTimeToDate(hello.startTime);
+    this.handshakeStructSize = hello.structSize;
+    this.transport = options.transport ?? 'stream';
+    this.tokenLimit = HOST_TOKEN_LIMIT[this.protocol];
+    this.autoCloseOnUnhook = options.autoCloseOnUnhook ?? true;
+    this.#requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.#frameTimeoutMs = options.frameTimeoutMs ?? this.#requestTimeoutMs;
+    this.#stream = stream;
+    stream.on('data', (chunk: Buffer) => this.#onData(chunk));
+    stream.on('end', () => this.#onEnd());
+    stream.on('error', (e: Error) => this.#onError(e));
+    stream.on('close', () => this.#onEnd());
+    if (leftover.length > 0) this.#onData(leftover);
+    debug('vm %s: connected over %s (%s)', this.#label(), this.transport, this.protocol);
+  }
+
+  get state(): VmState {
+    return this.#state;
+  }
+
+  /** KVMI version from GET_VERSION. */
+  get version(): number {
+    return this.#version;
+  }
+
+  /** The whole GET_VERSION reply (v4 adds commands/events bitmaps). */
+  get versionInfo(): GetVersionReply | null {
+    return this.#versionInfo;
+  }
+
+  /** Whether the host accepted CONTROL_VM_EVENTS(UNHOOK, enable) at connect. */
+  get unhookEventEnabled(): boolean {
+    return this.#unhookEventEnabled;
+  }
+
+  /** Requests sent and awaiting a reply. */
+  get inFlight(): number {
+    return this.#pending.size;
+  }
+
+  /** High-water mark of inFlight since connect (or resetMaxInFlight). */
+  get maxInFlight(): number {
+    return this.#maxInFlight;
+  }
+
+  resetMaxInFlight(): void {
+    this.#maxInFlight = this.#pending.size;
+  }
+
+  /** Why the VM is gone (null while connected). */
+  get goneInfo(): VmGoneInfo | null {
+    return this.#goneInfo;
+  }
+
+  /** Messages received after the handshake. */
+  get messagesReceived(): number {
+    return this.#received;
+  }
+
+  override toString(): string {
+    return `Vm(${this.#label()}, ${this.#state})`;
+  }
+
+  // ---- commands ----
+
+  /**
+   * Sends a command and resolves with the data after kvmi_error_code; a
+   * non-zero error code rejects with KvmiError, a closed connection with
+   * VmGoneError, no reply in time with TimeoutError.
+   */
+  async request(id: number, body: Uint8Array = EMPTY, options: RequestOptions = {}): Promise<Buffer> {
+    return this.requestMany(id, [body], options)[0]!;
+  }
+
+  /**
+   * Sends one command per body back-to-back in ONE socket write (pipelined);
+   * one promise per body, each settled by the reply carrying its seq. Bad
+   * arguments (id, too many or too large bodies) throw synchronously.
+   */
+  requestMany(id: number, bodies: readonly Uint8Array[], options: RequestOptions = {}): Promise<Buffer>[] {
+    if (!Number.isInteger(id) || id < 0 || id > 0xffff) throw new UsageError(`KVMI message id must be a u16, got ${String(id)}`);
+    if (bodies.length > MAX_PIPELINE) throw new UsageError(`at most ${MAX_PIPELINE} requests per write, got ${bodies.length}`);
+    if (bodies.length === 0) return [];
+    const name = options.name ?? kvmiMessageName(this.protocol, id);
+    if (this.#state !== 'connected') {
+      const reason = this.#goneInfo?.reason ?? 'unhooking';
+      return bodies.map(() => Promise.reject(new VmGoneError(reason, { vm: this.#label(), syscall: name })));
+    }
+    const timeoutMs = options.timeoutMs ?? this.#requestTimeoutMs;
+    // Encode everything first: a bad body throws before any request is registered.
+    const seqs: number[] = [];
+    const frames = bodies.map((body) => {
+      const seq = this.#nextSeq();
+      seqs.push(seq);
+      return encodeMessage({ id, seq }, body);
+    });
+    const promises = seqs.map((seq) => {
+      return new Promise<Buffer>((resolve, reject) => {
+        const p: Pending = { id, name, expect: options.expect, seq, resolve, reject, timer: null };
+        if (timeoutMs > 0 && Number.isFinite(timeoutMs)) {
+          p.timer = setTimeout(() => this.#timeout(p, timeoutMs), timeoutMs);
+          p.timer.unref();
+        }
+        this.#pending.set(seq, p);
+      });
+    });
+    if (this.#pending.size > this.#maxInFlight) this.#maxInFlight = this.#pending.size;
+    debug('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
+    this.#write(frames.length === 1 ? frames[0]! : Buffer.concat(frames));
+    return promises;
+  }
+
+  /** One KVMI_GET_MAP_TOKEN round trip: a fresh single-use 32-byte token. */
+  async getMapToken(): Promise<Uint8Array> {
+    return (await this.getMapTokens(1))[0]!;
+  }
+
+  /**
+   * n KVMI_GET_MAP_TOKEN requests in one write, awaited together. Rejects with
+   * the first failure (e.g. KvmiError EAGAIN over the host's limit, see
+   * tokenLimit); tokens that did succeed are then dropped (they expire on the
+   * host after 3 s on v6). Use getMapTokensSettled to keep them.
+   */
+  async getMapTokens(n: number): Promise<Uint8Array[]> {
+    return Promise.all(this.#tokenRequests(n));
+  }
+
+  /** Like getMapTokens, but one result per request: a token or the error for that request. */
+  async getMapTokensSettled(n: number): Promise<(Uint8Array | Error)[]> {
+    const r = await Promise.allSettled(this.#tokenRequests(n));
+    return r.map((x) => (x.status === 'fulfilled' ? x.value : x.reason as Error));
+  }
+
+  #tokenRequests(n: number): Promise<Uint8Array>[] {
+    if (!Number.isInteger(n) || n < 0 || n > MAX_PIPELINE) throw new UsageError(`token count must be an integer in 0..${MAX_PIPELINE}, got ${String(n)}`);
+    if (n === 0) return [];
+    return this.requestMany(this.#ids.GET_MAP_TOKEN, new Array<Uint8Array>(n).fill(EMPTY), { expect: MEM_TOKEN_SIZE })
+      .map((p) => p.then((data) => new Uint8Array(data)));
+  }
+
+  /** KVMI_CONTROL_VM_EVENTS (v6 only; v4 has no such command and rejects with KvmiError ENOSYS). */
+  async controlVmEvents(eventId: number, enable: boolean): Promise<void> {
+    const id = this.#ids.CONTROL_VM_EVENTS;
+    if (id === null) {
+      throw new KvmiError(-ERRNO.ENOSYS!, 'KVMI_CONTROL_VM_EVENTS', {
+        vm: this.#label(), hint: 'the v4 protocol has no KVMI_CONTROL_VM_EVENTS: VM events cannot be controlled',
+      });
+    }
+    await this.request(id, encodeControlVmEvents({ eventId, enable }), { expect: 0 });
+  }
+
+  /** KVMI_GET_VERSION; the result is also kept in version/versionInfo. */
+  async getVersion(): Promise<GetVersionReply> {
+    const data = await this.request(this.#ids.GET_VERSION, EMPTY, { expect: GET_VERSION_REPLY_SIZE[this.protocol] });
+    let v: GetVersionReply;
+    try {
+      v = decodeGetVersionReply(this.protocol, data);
+    } catch (e) {
+      const err = this.#violation(`malformed KVMI_GET_VERSION reply: ${(e as Error).message}`, e);
+      throw new VmGoneError(err.reason, { vm: this.#label(), syscall: 'KVMI_GET_VERSION', cause: err });
+    }
+    this.#version = v.version;
+    this.#versionInfo = v;
+    return v;
+  }
+
+  /**
+   * @internal The server's post-handshake sequence: GET_VERSION (version >= 1
+   * required), then CONTROL_VM_EVENTS(UNHOOK, enable) on v6 when asked. A host
+   * refusing the event (KvmiError) leaves unhookEventEnabled false, no failure.
+   */
+  async _init(opts: { enableUnhookEvent: boolean }): Promise<void> {
+    const v = await this.getVersion();
+    if (v.version < 1) {
+      const err = this.#violation(`host reports KVMI version ${v.version}`);
+      throw err;
+    }
+    if (opts.enableUnhookEvent && this.#ids.CONTROL_VM_EVENTS !== null) {
+      try {
+        await this.controlVmEvents(KVMI_EVENT_UNHOOK, true);
+        this.#unhookEventEnabled = true;
+      } catch (e) {
+        if (!(e instanceof KvmiError)) throw e;
+        debug('vm %s: the host refused to enable the UNHOOK event (%s); continuing without it', this.#label(), e.code);
+      }
+    }
+    this.#ready = true;
+  }
+
+  /** Ends the connection (state 'gone'); pending and later requests reject with VmGoneError. */
+  close(reason = 'closed by the tool'): void {
+    this.#teardown(reason);
+  }
+
+  // ---- internals ----
+
+  /** (A method, so TypeScript does not narrow #state across calls that change it.) */
+  #gone(): boolean {
+    return this.#state === 'gone';
+  }
+
+  #label(): string {
+    return this.name === '' ? this.uuid : `${this.name} (${this.uuid})`;
+  }
+
+  #nextSeq(): number {
+    do this.#seq = (this.#seq + 1) >>> 0;
+    while (this.#pending.has(this.#seq) || this.#abandoned.has(this.#seq));
+    return this.#seq;
+  }
+
+  #write(frame: Buffer): void {
+    if (this.#stream.destroyed || this.#stream.writableEnded) return;
+    this.#stream.write(frame, (err) => {
+      if (err) this.#onError(err);
+    });
+  }
+
+  #timeout(p: Pending, ms: number): void {
+    if (this.#pending.get(p.seq) !== p) return;
+    this.#pending.delete(p.seq);
+    this.#abandoned.set(p.seq, { id: p.id, name: p.name, expect: p.expect });
+    debug('vm %s: %s seq %d timed out after %d ms', this.#label(), p.name, p.seq, ms);
+    p.reject(new TimeoutError(`${p.name} on VM ${this.#label()}`, ms, {
+      syscall: p.name, hint: 'the host did not answer in time: it may be overloaded or stuck; the connection stays open and a late reply is ignored',
+    }));
+    if (this.#abandoned.size > MAX_ABANDONED) this.#teardown(`the host left ${this.#abandoned.size} requests unanswered`, new TimeoutError(p.name, ms));
+  }
+
+  #onData(chunk: Buffer): void {
+    if (this.#state === 'gone') return;
+    this.#acc = this.#acc.length === 0 ? chunk : Buffer.concat([this.#acc, chunk]);
+    this.#parse();
+    if (this.#gone()) return;
+    if (this.#stallTimer !== null) {
+      clearTimeout(this.#stallTimer);
+      this.#stallTimer = null;
+    }
+    if (this.#acc.length > 0 && this.#frameTimeoutMs > 0 && Number.isFinite(this.#frameTimeoutMs)) {
+      this.#stallTimer = setTimeout(() => {
+        this.#stallTimer = null;
+        this.#violation(`incomplete message: ${this.#acc.length} bytes of a frame and nothing more for ${this.#frameTimeoutMs} ms`);
+      }, this.#frameTimeoutMs);
+      this.#stallTimer.unref();
+    }
+  }
+
+  #parse(): void {
+    while (this.#state !== 'gone' && this.#acc.length >= MSG_HDR_SIZE) {
+      const hdr = decodeMsgHdr(this.#acc);
+      const problem = this.#checkHeader(hdr);
+      if (problem !== null) {
+        this.#violation(problem);
+        return;
+      }
+      if (this.#acc.length < MSG_HDR_SIZE + hdr.size) return;
+      const body = this.#acc.subarray(MSG_HDR_SIZE, MSG_HDR_SIZE + hdr.size);
+      this.#acc = this.#acc.length === MSG_HDR_SIZE + hdr.size ? EMPTY : this.#acc.subarray(MSG_HDR_SIZE + hdr.size);
+      this.#received++;
+      if (hdr.id === this.#ids.EVENT) this.#onEvent(hdr.seq, body);
+      else this.#onReply(hdr, body);
+    }
+  }
+
+  /** Header-level checks, so a bad frame is caught before its (maybe never coming) body. */
+  #checkHeader(hdr: MsgHdr): string | null {
+    const seq = `0x${hdr.seq.toString(16)}`;
+    if (hdr.id === this.#ids.EVENT) {
+      if (hdr.size < EVENT_SIZE) return `event message (seq ${seq}) of ${hdr.size} bytes is shorter than kvmi_event (${EVENT_SIZE})`;
+      if (hdr.size > MAX_EVENT_BODY) return `event message (seq ${seq}) announces ${hdr.size} bytes (limit ${MAX_EVENT_BODY})`;
+      return null;
+    }
+    const p = this.#pending.get(hdr.seq) ?? this.#abandoned.get(hdr.seq);
+    if (p === undefined) {
+      return `message id ${hdr.id} (${kvmiMessageName(this.protocol, hdr.id)}) with seq ${seq} answers no pending request`;
+    }
+    if (p.id !== hdr.id) return `reply with id ${hdr.id} for seq ${seq}, which was ${p.name} (id ${p.id})`;
+    if (hdr.size < ERROR_CODE_SIZE) return `reply to ${p.name} (seq ${seq}) of ${hdr.size} bytes is shorter than kvmi_error_code (${ERROR_CODE_SIZE})`;
+    if (p.expect !== undefined && hdr.size !== ERROR_CODE_SIZE && hdr.size !== ERROR_CODE_SIZE + p.expect) {
+      return `reply to ${p.name} (seq ${seq}) has ${hdr.size} bytes; expected ${ERROR_CODE_SIZE} (error) or ${ERROR_CODE_SIZE + p.expect}`;
+    }
+    return null;
+  }
+
+  #onReply(hdr: MsgHdr, body: Buffer): void {
+    const seq = `0x${hdr.seq.toString(16)}`;
+    const p = this.#pending.get(hdr.seq);
+    const e = p ?? this.#abandoned.get(hdr.seq)!;
+    const err = body.readInt32LE(0);
+    const padding = body.readUInt32LE(4);
+    if (padding !== 0) {
+      this.#violation(`reply to ${e.name} (seq ${seq}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
+      return;
+    }
+    if (err !== 0 && body.length !== ERROR_CODE_SIZE) {
+      this.#violation(`error reply to ${e.name} (seq ${seq}) carries ${body.length - ERROR_CODE_SIZE} bytes of data`);
+      return;
+    }
+    if (err === 0 && e.expect !== undefined && body.length !== ERROR_CODE_SIZE + e.expect) {
+      this.#violation(`reply to ${e.name} (seq ${seq}) has ${body.length - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
+      return;
+    }
+    if (p === undefined) {
+      this.#abandoned.delete(hdr.seq);
+      debug('vm %s: late reply to %s seq %s dropped', this.#label(), e.name, seq);
+      return;
+    }
+    this.#pending.delete(hdr.seq);
+    if (p.timer !== null) clearTimeout(p.timer);
+    if (err !== 0) p.reject(new KvmiError(err, p.name, { seq: hdr.seq, vm: this.#label() }));
+    else p.resolve(Buffer.from(body.subarray(ERROR_CODE_SIZE)));
+  }
+
+  #onEvent(seq: number, body: Buffer): void {
+    let ev;
+    try {
+      ev = decodeEvent(body);
+    } catch (e) {
+      this.#violation(`malformed kvmi_event (seq 0x${seq.toString(16)}): ${(e as Error).message}`, e);
+      return;
+    }
+    if (ev.size > body.length) {
+      this.#violation(`kvmi_event.size ${ev.size} exceeds its ${body.length}-byte message (seq 0x${seq.toString(16)})`);
+      return;
+    }
+    let thrown: unknown = null;
+    if (ev.event === KVMI_EVENT_UNHOOK) {
+      debug('vm %s: UNHOOK event', this.#label());
+      if (this.#state === 'connected') this.#state = 'unhooking';
+      try {
+        this.emit('unhook', { vcpu: ev.vcpu, seq } satisfies VmUnhookInfo);
+      } catch (e) {
+        thrown = e;
+      }
+      this.#replyEvent(seq, ev.event);
+      if (this.autoCloseOnUnhook) this.#teardown('unhooked by the host');
+    } else {
+      debug('vm %s: event %d (vcpu %d) answered with CONTINUE', this.#label(), ev.event, ev.vcpu);
+      try {
+        this.emit('event', { event: ev.event, vcpu: ev.vcpu, seq, body: Buffer.from(body) } satisfies VmEventInfo);
+      } catch (e) {
+        thrown = e;
+      }
+      this.#replyEvent(seq, ev.event);
+    }
+    // A throwing listener is a bug in the caller: the protocol duties above are done, now let it surface.
+    if (thrown !== null) process.nextTick(() => { throw thrown; });
+  }
+
+  #replyEvent(seq: number, event: number): void {
+    if (this.#state === 'gone') return;
+    this.#write(encodeMessage({ id: this.#ids.EVENT_REPLY, seq }, encodeEventReply({ action: KVMI_EVENT_ACTION_CONTINUE, event })));
+  }
+
+  #onError(e: Error): void {
+    if (this.#state === 'gone') return;
+    const code = (e as NodeJS.ErrnoException).code;
+    // Our GET_VERSION may hit the device manager's hang-up before we read its EOF.
+    if (!this.#ready && this.#received === 0 && (code === 'EPIPE' || code === 'ECONNRESET')) {
+      this.#violation('handshake rejected by the device manager (wrong cookie?)', e);
+      return;
+    }
+    this.#teardown(`socket error: ${e.message}`, e);
+  }
+
+  #onEnd(): void {
+    if (this.#state === 'gone') return;
+    if (this.#acc.length > 0) {
+      this.#violation(`connection closed in the middle of a message (${this.#acc.length} bytes of an incomplete frame)`);
+    } else if (!this.#ready && this.#received === 0) {
+      this.#violation('handshake rejected by the device manager (wrong cookie?)');
+    } else {
+      this.#teardown('connection closed by the host');
+    }
+  }
+
+  #violation(reason: string, cause?: unknown): ProtocolError {
+    const err = new ProtocolError(reason, cause === undefined ? {} : { cause });
+    debug('vm %s: %s', this.#label(), reason);
+    this.#teardown(reason, err);
+    return err;
+  }
+
+  #teardown(reason: string, error?: Error): void {
+    if (this.#state === 'gone') return;
+    this.#state = 'gone';
+    this.#goneInfo = error === undefined ? { reason } : { reason, error };
+    if (this.#stallTimer !== null) clearTimeout(this.#stallTimer);
+    this.#stallTimer = null;
+    this.#acc = EMPTY;
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    this.#abandoned.clear();
+    for (const p of pending) {
+      if (p.timer !== null) clearTimeout(p.timer);
+      p.reject(new VmGoneError(reason, { vm: this.#label(), syscall: p.name, ...(error === undefined ? {} : { cause: error }) }));
+    }
+    this.#closeStream(error !== undefined);
+    debug('vm %s: gone (%s)', this.#label(), reason);
+    this.emit('gone', this.#goneInfo);
+  }
+
+  /** Graceful: FIN after queued writes (the event reply), then close; a violation closes at once. */
+  #closeStream(abrupt: boolean): void {
+    const s = this.#stream;
+    if (s.destroyed) return;
+    if (abrupt) {
+      s.destroy();
+      return;
+    }
+    const t = setTimeout(() => s.destroy(), 1000);
+    t.unref();
+    s.once('close', () => clearTimeout(t));
+    s.end(() => s.destroy());
+  }
+}
