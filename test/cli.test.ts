@@ -1,0 +1,116 @@
+/**
+ * The kvmmem command, run as a user would: `node bin/kvmmem.js ...` in a child
+ * process, against the built-in model and RAM files made here.
+ */
+import test from 'ava';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { GuestMemory } from '../src/model/index.js';
+import { buildSyntheticGuest } from '../src/inspect/index.js';
+
+const BIN = fileURLToPath(new URL('../bin/kvmmem.js', import.meta.url));
+const dir = mkdtempSync(join(tmpdir(), 'kvmmem-cli-'));
+test.after.always(() => rmSync(dir, { recursive: true, force: true }));
+
+function kvmmem(...args: string[]) {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, NODE_DEBUG: '' } });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** A raw RAM image with a synthetic guest in it (file offset = gpa). */
+function ramWithGuest(name: string, mib = 64) {
+  const path = join(dir, name);
+  writeFileSync(path, '');
+  spawnSync('truncate', ['-s', `${mib}M`, path]);
+  const mem = GuestMemory.fromFile(path);
+  const truth = buildSyntheticGuest(mem, { seed: 42 });
+  return { path, mem, truth };
+}
+
+test('demo: the main job runs and agrees with the ground truth', (t) => {
+  const r = kvmmem('demo');
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout, /^ok: every result above agrees/m);
+  t.regex(r.stdout, /after close the host holds 0 mappings, 0 outstanding tokens, 0 open driver files/);
+  const j = kvmmem('demo', '--json', '--seed', '7');
+  t.is(j.code, 0, j.stderr);
+  const doc = JSON.parse(j.stdout);
+  t.true(doc.ok);
+  t.is(doc.host.afterClose.mappings, 0);
+  t.is(doc.translate.gpa, doc.scan.matches[0]);
+});
+
+test('scan, read and translate a RAM file through the full stack', (t) => {
+  const { path, mem, truth } = ramWithGuest('guest.ram');
+  mem.write(0x123ffcn, Buffer.from('NEEDLE-across-a-page-boundary'));
+  mem.close();
+
+  const s = kvmmem('scan', '--ram', path, '--pattern', 'NEEDLE-across', '--json');
+  t.is(s.code, 0, s.stderr);
+  t.deepEqual(JSON.parse(s.stdout).matches, ['0x123ffc']);
+  const text = kvmmem('scan', '--ram', path, '--hex', Buffer.from('NEEDLE').toString('hex'));
+  t.regex(text.stdout, /^0x123ffc$/m);
+  t.regex(text.stdout, /1 match\(es\)/);
+  t.is(kvmmem('scan', '--ram', path, '--pattern', 'no such bytes anywhere').code, 1, 'no match: exit 1, like grep');
+
+  const rd = kvmmem('read', '--ram', path, '--gpa', '0x123ffc', '--len', '32');
+  t.is(rd.code, 0, rd.stderr);
+  t.regex(rd.stdout, /^00123ffc: 4e45 4544 4c45 2d61 6372 6f73 732d 612d  NEEDLE-across-a-$/m);
+  const rj = JSON.parse(kvmmem('read', '--ram', path, '--gpa', String(0x123ffc), '--len', '6', '--json').stdout);
+  t.is(Buffer.from(rj.hex, 'hex').toString(), 'NEEDLE');
+
+  for (const tr of truth.translations) {
+    const out = JSON.parse(kvmmem('translate', '--ram', path, '--cr3', `0x${truth.cr3.toString(16)}`, '--va', `0x${tr.va.toString(16)}`, '--json').stdout);
+    t.is(BigInt(out.gpa), tr.gpa, `va 0x${tr.va.toString(16)}`);
+    t.is(out.pageSize, tr.pageSize);
+  }
+  const np = truth.notPresent[0]!;
+  const bad = kvmmem('translate', '--ram', path, '--cr3', `0x${truth.cr3.toString(16)}`, '--va', `0x${np.va.toString(16)}`);
+  t.is(bad.code, 1);
+  t.regex(bad.stderr, new RegExp(np.level));
+});
+
+test('selftest --model passes every check; a path that is not kvmmem fails clearly', (t) => {
+  const r = kvmmem('selftest', '--model', '--json');
+  t.is(r.code, 0, r.stdout + r.stderr);
+  const doc = JSON.parse(r.stdout);
+  t.true(doc.ok);
+  t.true(doc.results.length >= 9);
+  t.true(doc.results.every((c: { status: string }) => c.status === 'pass'));
+  const n = kvmmem('selftest', '--device', '/dev/null', '--listen', `unix:${join(dir, 'st.sock')}`, '--wait', '1');
+  t.is(n.code, 1);
+  t.regex(n.stderr, /\/dev\/null is not a kvmmem device/);
+  const m = kvmmem('selftest', '--device', '/dev/kvmmem-missing', '--listen', `unix:${join(dir, 'st.sock')}`);
+  t.is(m.code, 1);
+  t.regex(m.stderr, /use the built-in model/);
+});
+
+test('bad input: one line on stderr and exit 2', (t) => {
+  const cases: string[][] = [
+    ['bogus'],
+    ['scan', '--ram', join(dir, 'missing.ram'), '--pattern', 'x'],
+    ['read', '--ram', join(dir, 'x'), '--gpa', 'zz', '--len', '1'],
+    ['read', '--gpa', '0x1000', '--len', '1'],
+    ['translate', '--ram', join(dir, 'x'), '--cr3', '1', '--va', '2', '--levels', '3'],
+    ['selftest', '--listen', 'tcp:1234'],
+    ['selftest'],
+  ];
+  for (const args of cases) {
+    const r = kvmmem(...args);
+    t.is(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    t.true(r.stderr.trim().length > 0);
+    t.notRegex(r.stderr, /\n\s+at /, 'no stack trace');
+  }
+  const path = join(dir, 'small.ram');
+  writeFileSync(path, Buffer.alloc(1 << 20));
+  const past = kvmmem('read', '--ram', path, '--gpa', '0xfff00', '--len', '0x200');
+  t.is(past.code, 2);
+  t.regex(past.stderr, /past the end/);
+  const h = kvmmem('scan', '--help');
+  t.is(h.code, 0);
+  t.regex(h.stdout, /Examples:/);
+  t.regex(kvmmem('--help').stdout, /Exit codes:/);
+});
