@@ -8,17 +8,27 @@ import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { KVM_INTRO_MEM_MAP } from '../src/abi/ioctl.js';
 import { ERRNO } from '../src/abi/errno.js';
-import { KvmMem, ModelLab, UseAfterUnmapError, RetryExhaustedError, type TargetVm } from '../src/client/index.js';
-import { VmGoneError } from '../src/channel/index.js';
-import { GuestMemory, ModelDevice } from '../src/model/index.js';
+import { KvmMem, ModelLab, UseAfterUnmapError, RetryExhaustedError, type LabVmSpec, type TargetVm } from '../src/client/index.js';
+import { VmGoneError, type Vm } from '../src/channel/index.js';
+import { GuestMemory, ModelDevice, type ModelHostOptions } from '../src/model/index.js';
 import type { Device, IoctlArg } from '../src/device/device.js';
-import { ClosedError, DeviceError, NoDeviceError } from '../src/errors.js';
+import { ClosedError, DeviceError, KvmmemError, NoDeviceError } from '../src/errors.js';
 
 const MiB = 1 << 20;
 const PS = 4096;
 
-async function lab(vms = [{ name: 'g1', memory: 16 * MiB }], host = {}) {
+async function lab(vms: LabVmSpec[] = [{ name: 'g1', memory: 16 * MiB }], host: ModelHostOptions = {}) {
   return ModelLab.start({ vms, host });
+}
+
+/** A TargetVm that forwards to `vm` but gets its tokens through `tokens` (to observe or disturb). */
+function wrapVm(vm: Vm, tokens: (n: number) => Promise<(Uint8Array | Error)[]>): TargetVm {
+  return {
+    get uuid() { return vm.uuid; }, get name() { return vm.name; }, get state() { return vm.state; },
+    on: (e, f) => (e === 'unhook' ? vm.on('unhook', f) : vm.on('gone', f)),
+    off: (e, f) => (e === 'unhook' ? vm.off('unhook', f) : vm.off('gone', f)),
+    getMapTokensSettled: tokens,
+  };
 }
 
 test('full path: map, live aliasing both ways, unmap, close leaves nothing mapped', async (t) => {
@@ -98,16 +108,12 @@ test('tokens are pipelined: the host sees a whole batch outstanding at once', as
   t.teardown(() => l.close());
   const vm = l.vm('g1');
   let hostOutstandingPeak = 0;
-  const spy: TargetVm = {
-    get uuid() { return vm.uuid; }, get name() { return vm.name; }, get state() { return vm.state; },
-    on: (e, f) => vm.on(e, f), off: (e, f) => vm.off(e, f),
-    async getMapTokensSettled(n) {
-      const tokens = await vm.getMapTokensSettled(n);
-      // issued by the host and not yet consumed: the requests overlapped on the host side
-      hostOutstandingPeak = Math.max(hostOutstandingPeak, l.host.stats().tokensOutstanding);
-      return tokens;
-    },
-  };
+  const spy = wrapVm(vm, async (n) => {
+    const tokens = await vm.getMapTokensSettled(n);
+    // issued by the host and not yet consumed: the requests overlapped on the host side
+    hostOutstandingPeak = Math.max(hostOutstandingPeak, l.host.stats().tokensOutstanding);
+    return tokens;
+  });
   const s = l.open();
   const r = await s.mapRange(spy, 0n, 64 * PS);
   t.is(hostOutstandingPeak, 8, 'v6 host limit of 8 outstanding tokens reached by one round trip');
@@ -133,15 +139,11 @@ test('an expired token (ENOENT) is replaced once; a second failure is a typed er
   t.teardown(() => l.close());
   const vm = l.vm('g1');
   let expireNext = 1;
-  const aging: TargetVm = {
-    get uuid() { return vm.uuid; }, get name() { return vm.name; }, get state() { return vm.state; },
-    on: (e, f) => vm.on(e, f), off: (e, f) => vm.off(e, f),
-    async getMapTokensSettled(n) {
-      const tokens = await vm.getMapTokensSettled(n);
-      if (expireNext-- > 0) clock += 10_000; // older than the 3 s lifetime by the time MAP uses them
-      return tokens;
-    },
-  };
+  const aging = wrapVm(vm, async (n) => {
+    const tokens = await vm.getMapTokensSettled(n);
+    if (expireNext-- > 0) clock += 10_000; // older than the 3 s lifetime by the time MAP uses them
+    return tokens;
+  });
   const s = l.open();
   const p = await s.map(aging, 0x1000n);
   t.is(s.stats.retries, 1);
@@ -226,14 +228,10 @@ test('unhook in the middle of a mapRange: zero host mappings and VmGoneError; ot
   l.modelVm('b').memory.write(0x1000n, Buffer.from('vm b'));
   const a = l.vm('a');
   let batches = 0;
-  const trigger: TargetVm = {
-    get uuid() { return a.uuid; }, get name() { return a.name; }, get state() { return a.state; },
-    on: (e, f) => a.on(e, f), off: (e, f) => a.off(e, f),
-    async getMapTokensSettled(n) {
-      if (++batches === 4) void l.modelVm('a').preunhook(); // the device manager wants to migrate the VM
-      return a.getMapTokensSettled(n);
-    },
-  };
+  const trigger = wrapVm(a, (n) => {
+    if (++batches === 4) void l.modelVm('a').preunhook(); // the device manager wants to migrate the VM
+    return a.getMapTokensSettled(n);
+  });
   const e = await t.throwsAsync(s.mapRange(trigger, 0n, 2000 * PS), { instanceOf: VmGoneError });
   t.is(e?.code, 'VM_GONE');
   await new Promise((r) => setTimeout(r, 50));
@@ -339,10 +337,10 @@ test('bad input: typed errors, nothing half-done', async (t) => {
   t.teardown(() => l.close());
   const s = l.open();
   const vm = l.vm('g1');
-  t.is((await t.throwsAsync(s.map(vm, -1)))?.code, 'ERR_INVALID_ARG');
-  t.is((await t.throwsAsync(s.map(vm, 'not an address')))?.code, 'ERR_INVALID_ARG');
-  t.is((await t.throwsAsync(s.mapRange(vm, 0n, 0)))?.code, 'ERR_INVALID_ARG');
-  t.is((await t.throwsAsync(s.mapRange(vm, 0n, 5 * 2 ** 30)))?.code, 'ERR_INVALID_ARG');
+  t.is((await t.throwsAsync<KvmmemError>(s.map(vm, -1)))?.code, 'ERR_INVALID_ARG');
+  t.is((await t.throwsAsync<KvmmemError>(s.map(vm, 'not an address')))?.code, 'ERR_INVALID_ARG');
+  t.is((await t.throwsAsync<KvmmemError>(s.mapRange(vm, 0n, 0)))?.code, 'ERR_INVALID_ARG');
+  t.is((await t.throwsAsync<KvmmemError>(s.mapRange(vm, 0n, 5 * 2 ** 30)))?.code, 'ERR_INVALID_ARG');
   const far = await t.throwsAsync(s.map(vm, 1n << 40n), { instanceOf: DeviceError });
   t.is(far?.code, 'EFAULT');
   t.is(l.host.stats().mappings, 0);
