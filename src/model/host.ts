@@ -1,0 +1,700 @@
+/**
+ * The model's host: KVM with the KVMI patches, as far as the introspector's
+ * /dev/kvmmem needs it.
+ *
+ * - VMs (uuid, name, guest memory) and their VM ioctls KVM_INTROSPECTION_HOOK /
+ *   UNHOOK / PREUNHOOK (seeds 000 and 004), with the kernel's order of checks.
+ * - The KVMI connection of a hooked VM (kvmi-server.ts) hands out map tokens.
+ * - hypercall(): KVM_HC_MEM_MAP / KVM_HC_MEM_UNMAP, with real effects on this
+ *   process: MAP puts the target VM's page at the introspector page
+ *   (mmap MAP_SHARED|MAP_FIXED of the VM's memory fd, then mlock again), so
+ *   reads and writes through that address are the VM's memory, live both
+ *   ways; UNMAP gives the address a fresh zeroed private page ("a new physical
+ *   page is allocated for this gpa"), never a hole.
+ *
+ * Frame identity: userspace cannot see its guest-physical addresses, so the
+ * "introspector gpa" of the hypercalls is the page's *virtual* address in this
+ * process (the driver model passes the page address where the C driver
+ * passes page_to_phys()). One host models one introspector VM: this process.
+ *
+ * Batches: between beginDeferral() and endDeferral() every hypercall is
+ * validated and booked at once (token consumed, lists updated, results
+ * final) but the page remaps are queued and done at the end, runs of adjacent
+ * pages coalesced into one mmap+mlock. Nothing can observe memory in between
+ * (one JS thread), so per-page semantics hold; a remap that fails at the end
+ * is rolled back and reported per page.
+ */
+import type * as net from 'node:net';
+import { debuglog } from 'node:util';
+import { parse as uuidParse, v4 as uuidV4, validate as uuidValidate } from 'uuid';
+import * as libc from '../sys/libc.js';
+import { remapFresh, remapShared } from '../sys/window.js';
+import { ERRNO } from '../abi/errno.js';
+import { KVM_EFAULT, KVM_ENOENT, KVM_ENOSYS, KVM_HC_MEM_MAP, KVM_HC_MEM_UNMAP } from '../abi/hypercall.js';
+import {
+  KVM_INTROSPECTION_HOOK, KVM_INTROSPECTION_PREUNHOOK, KVM_INTROSPECTION_UNHOOK, decodeIoctl, ioctlName,
+} from '../abi/ioctl.js';
+import type { KvmiProtocol } from '../abi/kvmi.js';
+import { HOOK_SIZE, MEM_TOKEN_SIZE, PAGE_SIZE, decodeHook } from '../abi/structs.js';
+import { ClosedError, DeviceError, KvmmemError, UsageError } from '../errors.js';
+import { ModelDevice } from '../device/model-device.js';
+import { KvmiMemDriver } from './driver.js';
+import { GuestMemory } from './memory.js';
+import { KvmiConnection, type UnhookAck } from './kvmi-server.js';
+import { sockfd_lookup } from './sockets.js';
+import { TokenStore } from './tokens.js';
+import { USER_LIMIT, copy_from_user, pageOf, pageState } from './uaccess.js';
+import type { AttachOptions, Attachment, PreunhookOptions } from './device-manager.js';
+import * as deviceManager from './device-manager.js';
+
+const debug = debuglog('kvmmem');
+const PS = PAGE_SIZE;
+const { EAGAIN, EALREADY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EAGAIN' | 'EALREADY' | 'EEXIST' | 'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
+
+export interface ModelHostOptions {
+  /** Shows in device paths ('model:<name>') and debug lines. Default 'kvmmem'. */
+  name?: string;
+  /** KVMI message ids and token rules: 'v6' (default) or 'v4'. */
+  protocol?: KvmiProtocol;
+  /** kvm.introspection=1 (default true); false: HOOK/UNHOOK/PREUNHOOK fail with EPERM. */
+  introspection?: boolean;
+  /** The introspector VM has KVM paravirt (default true); false: the kvmmem driver's init fails with EPERM. */
+  paravirt?: boolean;
+  /** Outstanding tokens per VM: v6 default 8, v4 unlimited. */
+  tokenLimit?: number;
+  /** Token lifetime in ms: v6 default 3000, v4 never expires. */
+  tokenTtlMs?: number;
+  /** Shared secret the device manager checks in the handshake (SHA-1 of it); none: not checked. */
+  cookie?: string | Uint8Array;
+  /** How long PREUNHOOK waits for the tool (device manager side). Default 3000 ms. */
+  preunhookTimeoutMs?: number;
+  /** Millisecond clock for token expiry (default Date.now). */
+  now?: () => number;
+}
+
+export interface CreateVmOptions {
+  name: string;
+  /** Guest memory, or a size in bytes for an anonymous (memfd) VM the host owns and closes. */
+  memory: GuestMemory | bigint | number;
+  /** RFC 9562 string; default a new v4 uuid. */
+  uuid?: string;
+}
+
+export interface HostMapping {
+  /** The introspector page (its virtual address in this process: the model's frame identity). */
+  introspectorPage: bigint;
+  vm: ModelVm;
+  /** Target guest-physical page (the requested gpa rounded down to its page). */
+  gpa: bigint;
+}
+
+export interface VmStats {
+  uuid: string;
+  name: string;
+  hooked: boolean;
+  mappings: number;
+  tokensOutstanding: number;
+}
+
+/** Cumulative counters since the host was created (diagnostics, tests). */
+export interface HostCounters {
+  /** KVM_HC_MEM_MAP hypercalls received (whatever their result). */
+  mapHypercalls: number;
+  /** KVM_HC_MEM_UNMAP hypercalls received. */
+  unmapHypercalls: number;
+  /** mmap(MAP_FIXED)+mlock calls made for remaps (a coalesced run counts once). */
+  remapCalls: number;
+  /** Pages those calls covered. */
+  remappedPages: number;
+}
+
+export interface HostStats {
+  mappings: number;
+  tokensOutstanding: number;
+  vms: VmStats[];
+}
+
+/** What a KVM_INTROSPECTION_HOOK caller passes (struct kvm_introspection_hook). */
+export interface HookArgs {
+  fd: number;
+  padding?: number;
+  /** 16 bytes or a uuid string; default the VM's own uuid. */
+  uuid?: Uint8Array | string;
+}
+
+interface MapRec {
+  page: number;
+  vm: ModelVm;
+  gpa: bigint;
+  fd: number;
+  offset: number;
+  writable: boolean;
+}
+
+type PendingOp =
+  | { kind: 'shared'; fd: number; offset: number; writable: boolean }
+  | { kind: 'fresh' };
+
+const VM_HINTS = {
+  EPERM: 'introspection is disabled on this host (kvm.introspection=0; here: new ModelHost({ introspection: true }))',
+  PADDING: 'kvm_introspection_hook.padding must be 0',
+  FD: 'fd must be a socket connected to the introspection tool (adoptSocket(socket) returns the fd of a connected net.Socket)',
+  EEXIST: 'the VM is already introspected: KVM_INTROSPECTION_UNHOOK it first',
+  PRE_EFAULT: 'the VM is not introspected yet (use KVM_INTROSPECTION_HOOK)',
+  PRE_ENOENT: 'the socket had an error, or the tool did not subscribe to the UNHOOK event (KVMI_CONTROL_VM_EVENTS)',
+  EFAULT: 'the kvm_introspection_hook struct could not be read (fewer than 24 bytes, or an unreadable pointer)',
+} as const;
+
+export class ModelHost {
+  readonly name: string;
+  readonly protocol: KvmiProtocol;
+  readonly introspection: boolean;
+  readonly paravirt: boolean;
+  readonly cookie: string | Uint8Array | undefined;
+  readonly preunhookTimeoutMs: number;
+  /** @internal */
+  readonly _tokens: TokenStore<ModelVm>;
+  readonly #vms = new Set<ModelVm>();
+  readonly #maps = new Map<number, MapRec>();
+  #pending: Map<number, PendingOp> | null = null;
+  readonly #counters: HostCounters = { mapHypercalls: 0, unmapHypercalls: 0, remapCalls: 0, remappedPages: 0 };
+  #driver: KvmiMemDriver | undefined;
+  #closed = false;
+
+  constructor(opts: ModelHostOptions = {}) {
+    this.name = opts.name ?? 'kvmmem';
+    this.protocol = opts.protocol ?? 'v6';
+    if (this.protocol !== 'v4' && this.protocol !== 'v6') throw new UsageError(`protocol must be 'v4' or 'v6', got ${String(this.protocol)}`);
+    this.introspection = opts.introspection ?? true;
+    this.paravirt = opts.paravirt ?? true;
+    this.cookie = opts.cookie;
+    this.preunhookTimeoutMs = opts.preunhookTimeoutMs ?? 3000;
+    const v4 = this.protocol === 'v4';
+    this._tokens = new TokenStore<ModelVm>({
+      limit: opts.tokenLimit ?? (v4 ? Infinity : 8),
+      ttlMs: opts.tokenTtlMs ?? (v4 ? Infinity : 3000),
+      ...(opts.now === undefined ? {} : { now: opts.now }),
+    });
+  }
+
+  get closed(): boolean { return this.#closed; }
+
+  // ---- VMs ----
+
+  createVm(opts: CreateVmOptions): ModelVm {
+    this.#checkOpen('createVm');
+    const uuid = opts.uuid ?? uuidV4();
+    if (typeof uuid !== 'string' || !uuidValidate(uuid)) throw new UsageError(`createVm: ${String(uuid)} is not a valid UUID`);
+    for (const vm of this.#vms) {
+      if (vm.uuid === uuid.toLowerCase()) throw new UsageError(`createVm: a VM with uuid ${uuid} already exists on this host`);
+    }
+    const owned = !(opts.memory instanceof GuestMemory);
+    const memory = opts.memory instanceof GuestMemory ? opts.memory : GuestMemory.anonymous(opts.memory, { name: `kvmmem-${opts.name}` });
+    const vm = new ModelVm(this, uuid.toLowerCase(), opts.name, memory, owned);
+    this.#vms.add(vm);
+    debug('host %s: VM %s (%s) created, %d bytes of RAM', this.name, vm.name, vm.uuid, memory.size);
+    return vm;
+  }
+
+  /**
+   * kvm_destroy_vm(): unhooks (revoking every page mapped from it and dropping
+   * its tokens: v4 leaked both) and forgets the VM. Memory the host created is closed.
+   */
+  removeVm(vm: ModelVm): void {
+    if (!this.#vms.has(vm)) return;
+    vm._teardown();
+    this.#vms.delete(vm);
+    vm._removed = true;
+    if (vm._ownsMemory) vm.memory.close();
+    debug('host %s: VM %s removed', this.name, vm.name);
+  }
+
+  vms(): ModelVm[] { return [...this.#vms]; }
+
+  findVm(uuid: string): ModelVm | undefined {
+    const u = uuid.toLowerCase();
+    for (const vm of this.#vms) if (vm.uuid === u) return vm;
+    return undefined;
+  }
+
+  // ---- the introspector's kvmmem device ----
+
+  /** The introspector's /dev/kvmmem driver (module init on first use: EPERM without paravirt). */
+  get driver(): KvmiMemDriver {
+    this.#checkOpen('driver');
+    this.#driver ??= new KvmiMemDriver(this);
+    return this.#driver;
+  }
+
+  /** One open() of /dev/kvmmem. */
+  openDevice(): ModelDevice {
+    return ModelDevice.open(this);
+  }
+
+  // ---- hypercalls ----
+
+  /**
+   * A hypercall from the introspector VM. Returns 0 or a negative KVM_E* /
+   * errno value. KVM_HC_MEM_MAP(a0 = token: its 32 bytes, or the address of
+   * them in this process; a1 = target gpa; a2 = introspector page address);
+   * KVM_HC_MEM_UNMAP(a0 = introspector page address). Anything else: -KVM_ENOSYS.
+   */
+  hypercall(nr: number, a0: bigint | number | Uint8Array = 0n, a1: bigint | number = 0n, a2: bigint | number = 0n, _a3: bigint | number = 0n): number {
+    if (this.#closed) return -KVM_ENOSYS;
+    if (nr === KVM_HC_MEM_MAP) {
+      let token: Uint8Array | null;
+      if (a0 instanceof Uint8Array) token = a0.length >= MEM_TOKEN_SIZE ? a0.subarray(0, MEM_TOKEN_SIZE) : null;
+      else token = copy_from_user(BigInt.asUintN(64, BigInt(a0)), MEM_TOKEN_SIZE);
+      return this._mapHc(token, BigInt.asUintN(64, BigInt(a1)), BigInt.asUintN(64, BigInt(a2)), false);
+    }
+    if (nr === KVM_HC_MEM_UNMAP) return a0 instanceof Uint8Array ? -KVM_ENOENT : this._unmapHc(BigInt.asUintN(64, BigInt(a0)));
+    return -KVM_ENOSYS;
+  }
+
+  /**
+   * @internal KVM_HC_MEM_MAP. `pageChecked`: the caller (the driver) has just
+   * seen the page present, so the host skips its own lookup of it.
+   */
+  _mapHc(token: Uint8Array | null, gpa: bigint, mapGpa: bigint, pageChecked: boolean): number {
+    if (this.#closed) return -KVM_ENOSYS;
+    this.#counters.mapHypercalls++;
+    // Look the token up and remove it: single use, even if a later check fails.
+    if (token === null) return -KVM_ENOENT;
+    const vm = this._tokens.consume(token);
+    if (vm === undefined) return -KVM_ENOENT;
+    if (!vm.hooked || vm.removed) return -KVM_ENOENT;
+    // Target page (gpa_to_gfn: the page holding gpa) must be RAM of that VM.
+    const gpaPage = gpa - (gpa % BigInt(PS));
+    const where = vm.memory.resolve(gpaPage, PS);
+    if (where === null) return -KVM_EFAULT;
+    // Introspector page (its "gpa" is its address here) must exist.
+    if (mapGpa >= BigInt(USER_LIMIT)) return -KVM_EFAULT;
+    const page = pageOf(Number(mapGpa));
+    if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
+    if (!pageChecked && pageState(page) === 'unmapped') return -KVM_EFAULT;
+    // v6 remote mapping: the same introspector page mapped twice.
+    if (this.#maps.has(page)) return -EALREADY;
+    const rec: MapRec = { page, vm, gpa: gpaPage, fd: where.fd, offset: where.offset, writable: where.writable };
+    this.#maps.set(page, rec);
+    vm._pages.add(page);
+    const op: PendingOp = { kind: 'shared', fd: rec.fd, offset: rec.offset, writable: rec.writable };
+    if (this.#pending !== null) {
+      this.#pending.set(page, op);
+      return 0;
+    }
+    const r = this.#remapRun(op, page, 1);
+    if (r < 0) {
+      this.#dropMapping(rec);
+      this.#freshOrLog(page, 1);
+      return r;
+    }
+    return 0;
+  }
+
+  /** @internal KVM_HC_MEM_UNMAP: find by introspector page, give it a fresh page, drop the entry whatever happens. */
+  _unmapHc(mapGpa: bigint): number {
+    if (this.#closed) return -KVM_ENOSYS;
+    this.#counters.unmapHypercalls++;
+    if (mapGpa >= BigInt(USER_LIMIT)) return -KVM_ENOENT;
+    const page = pageOf(Number(mapGpa));
+    const rec = this.#maps.get(page);
+    if (rec === undefined) return -KVM_ENOENT;
+    this.#dropMapping(rec);
+    return this.#fresh(page);
+  }
+
+  #dropMapping(rec: MapRec): void {
+    this.#maps.delete(rec.page);
+    rec.vm._pages.delete(rec.page);
+  }
+
+  /** A fresh zeroed page at `page` now, or queued in a batch. */
+  #fresh(page: number): number {
+    if (this.#pending !== null) {
+      this.#pending.set(page, { kind: 'fresh' });
+      return 0;
+    }
+    return this.#remapRun({ kind: 'fresh' }, page, 1);
+  }
+
+  #freshOrLog(page: number, pages: number): void {
+    this.#counters.remapCalls++;
+    this.#counters.remappedPages += pages;
+    const r = remapFresh(page, pages * PS);
+    if (r < 0) debug('host %s: could not give 0x%s (%d pages) a fresh page: errno %d', this.name, page.toString(16), pages, -r);
+  }
+
+  /** One mmap(+mlock) for `pages` adjacent pages. 0 or -errno. */
+  #remapRun(op: PendingOp, page: number, pages: number): number {
+    this.#counters.remapCalls++;
+    this.#counters.remappedPages += pages;
+    if (op.kind === 'fresh') return remapFresh(page, pages * PS);
+    return remapShared(page, pages * PS, op.fd, op.offset, op.writable);
+  }
+
+  // ---- batches ----
+
+  /** @internal remaps are being queued (a batch is running). */
+  get _deferring(): boolean { return this.#pending !== null; }
+
+  /** @internal Start queueing page remaps (see the module comment). */
+  _beginDeferral(): void {
+    if (this.#pending !== null) throw new Error('ModelHost: remaps are already being deferred');
+    this.#pending = new Map();
+  }
+
+  /**
+   * @internal Do the queued remaps, coalescing runs of adjacent pages. Returns
+   * the MAP pages whose remap failed (already rolled back here) -> -errno.
+   */
+  _endDeferral(): Map<number, number> {
+    const pending = this.#pending;
+    this.#pending = null;
+    const failures = new Map<number, number>();
+    if (pending === null || pending.size === 0) return failures;
+    const shared = new Map<string, { fd: number; writable: boolean; items: [number, number][] }>();
+    const fresh: number[] = [];
+    for (const [page, op] of pending) {
+      if (op.kind === 'fresh') {
+        fresh.push(page);
+        continue;
+      }
+      const key = `${op.fd}:${op.writable ? 'w' : 'r'}`;
+      let g = shared.get(key);
+      if (g === undefined) shared.set(key, g = { fd: op.fd, writable: op.writable, items: [] });
+      g.items.push([page, op.offset]);
+    }
+    for (const g of shared.values()) {
+      g.items.sort((a, b) => a[0] - b[0]);
+      const runs = toRuns(g.items);
+      const res = this.#doRuns(runs, g.fd, g.writable);
+      for (let i = 0; i < runs.length; i++) {
+        if (res[i]! >= 0) continue;
+        const run = runs[i]!;
+        for (let k = 0; k < run.pages; k++) {
+          const p = run.page + k * PS;
+          const rec = this.#maps.get(p);
+          if (rec !== undefined) this.#dropMapping(rec);
+          failures.set(p, res[i]!);
+        }
+        this.#freshOrLog(run.page, run.pages);
+      }
+    }
+    if (fresh.length > 0) {
+      fresh.sort((a, b) => a - b);
+      const runs = toRuns(fresh.map((p) => [p, 0]), false);
+      const res = this.#doRuns(runs, -1, true, true);
+      for (let i = 0; i < runs.length; i++) {
+        if (res[i]! < 0) this.#freshOrLog(runs[i]!.page, runs[i]!.pages); // retry once; log if it fails again
+      }
+    }
+    return failures;
+  }
+
+  #doRuns(runs: Run[], fd: number, writable: boolean, fresh = false): Int32Array {
+    const res = new Int32Array(runs.length);
+    this.#counters.remapCalls += runs.length;
+    for (const r of runs) this.#counters.remappedPages += r.pages;
+    if ((fresh || writable) && libc.batchAvailable()) {
+      const n = runs.length;
+      const addrs = new BigUint64Array(n), lens = new BigUint64Array(n), offs = new BigInt64Array(n);
+      for (let i = 0; i < n; i++) {
+        addrs[i] = BigInt(runs[i]!.page);
+        lens[i] = BigInt(runs[i]!.pages * PS);
+        offs[i] = BigInt(runs[i]!.offset);
+      }
+      libc.remapMany(fresh ? libc.REMAP_FRESH : libc.REMAP_SHARED, addrs, lens, fd, offs, n, res);
+      return res;
+    }
+    for (let i = 0; i < runs.length; i++) {
+      const r = runs[i]!;
+      res[i] = fresh ? remapFresh(r.page, r.pages * PS) : remapShared(r.page, r.pages * PS, fd, r.offset, writable);
+    }
+    return res;
+  }
+
+  // ---- diagnostics ----
+
+  stats(): HostStats {
+    const vms = [...this.#vms].map((vm) => vm.stats());
+    return {
+      mappings: this.#maps.size,
+      tokensOutstanding: this._tokens.outstanding(),
+      vms,
+    };
+  }
+
+  /** Cumulative hypercall and remap counters (a copy). */
+  counters(): HostCounters {
+    return { ...this.#counters };
+  }
+
+  /** The host's {introspector page, VM, gpa} list. */
+  mappings(): HostMapping[] {
+    return [...this.#maps.values()].map((r) => ({ introspectorPage: BigInt(r.page), vm: r.vm, gpa: r.gpa }));
+  }
+
+  /** The mapping at an introspector page, if any. */
+  mappingAt(introspectorPage: bigint): HostMapping | undefined {
+    if (introspectorPage < 0n || introspectorPage >= BigInt(USER_LIMIT)) return undefined;
+    const r = this.#maps.get(pageOf(Number(introspectorPage)));
+    return r && { introspectorPage: BigInt(r.page), vm: r.vm, gpa: r.gpa };
+  }
+
+  /** @internal Revokes every page mapped from `vm` (each gets a fresh page). */
+  _revoke(vm: ModelVm): number {
+    const pages = [...vm._pages];
+    if (pages.length === 0) return 0;
+    const outer = this.#pending === null;
+    if (outer) this._beginDeferral();
+    for (const p of pages) {
+      const rec = this.#maps.get(p);
+      if (rec !== undefined) this.#dropMapping(rec);
+      this.#fresh(p);
+    }
+    if (outer) this._endDeferral();
+    debug('host %s: revoked %d pages of VM %s', this.name, pages.length, vm.name);
+    return pages.length;
+  }
+
+  /** Releases every open device file, removes every VM, stops the token sweep. */
+  close(): void {
+    if (this.#closed) return;
+    this.#driver?.kvm_intro_guest_exit();
+    for (const vm of [...this.#vms]) this.removeVm(vm);
+    this._tokens.close();
+    this.#closed = true;
+  }
+
+  #checkOpen(what: string): void {
+    if (this.#closed) throw new ClosedError(`model host ${this.name}`, what);
+  }
+}
+
+interface Run { page: number; pages: number; offset: number }
+
+/** Sorted [page, offset] pairs -> runs of adjacent pages with adjacent offsets. */
+function toRuns(items: [number, number][], offsets = true): Run[] {
+  const runs: Run[] = [];
+  let cur: Run | undefined;
+  for (const [page, offset] of items) {
+    if (cur !== undefined && page === cur.page + cur.pages * PS && (!offsets || offset === cur.offset + cur.pages * PS)) {
+      cur.pages++;
+    } else {
+      cur = { page, pages: 1, offset };
+      runs.push(cur);
+    }
+  }
+  return runs;
+}
+
+/** VM ioctl table (seed 002 style): request -> expected argument size, handler. */
+interface VmIoctl {
+  name: string;
+  size: number;
+  run(vm: ModelVm, arg: Uint8Array | null): number;
+}
+
+/**
+ * A VM on the model host: its memory, and the KVM side of introspection
+ * (the VM fd's KVM_INTROSPECTION_* ioctls and its KVMI connection).
+ */
+export class ModelVm {
+  readonly host: ModelHost;
+  /** Lower-case RFC 9562 string. */
+  readonly uuid: string;
+  readonly name: string;
+  readonly memory: GuestMemory;
+  /** When the VM was created (the handshake's start_time, in seconds). */
+  readonly startTime: bigint;
+  /** @internal */ readonly _ownsMemory: boolean;
+  /** @internal introspector pages currently mapped from this VM. */
+  readonly _pages = new Set<number>();
+  /** @internal */ _removed = false;
+  #conn: KvmiConnection | null = null;
+  #hooked = false;
+  #hookUuid: Uint8Array | null = null;
+
+  /** @internal use host.createVm() */
+  constructor(host: ModelHost, uuid: string, name: string, memory: GuestMemory, ownsMemory: boolean) {
+    this.host = host;
+    this.uuid = uuid;
+    this.name = name;
+    this.memory = memory;
+    this._ownsMemory = ownsMemory;
+    this.startTime = BigInt(Math.floor(Date.now() / 1000));
+  }
+
+  /** The uuid as 16 bytes. */
+  get uuidBytes(): Uint8Array { return uuidParse(this.uuid); }
+  /** kvm->kvmi is set (between a successful HOOK and UNHOOK). */
+  get hooked(): boolean { return this.#hooked; }
+  get removed(): boolean { return this._removed; }
+  /** The uuid given with KVM_INTROSPECTION_HOOK (used in messages), when hooked. */
+  get hookUuid(): Uint8Array | null { return this.#hookUuid; }
+  /** The live KVMI connection, when hooked. */
+  get connection(): KvmiConnection | null { return this.#conn; }
+  get label(): string { return `VM ${this.name} (${this.uuid})`; }
+
+  stats(): VmStats {
+    return {
+      uuid: this.uuid,
+      name: this.name,
+      hooked: this.#hooked,
+      mappings: this._pages.size,
+      tokensOutstanding: this.host._tokens.outstanding(this),
+    };
+  }
+
+  // ---- VM fd ioctls ----
+
+  static readonly #ioctls: ReadonlyMap<number, VmIoctl> = new Map<number, VmIoctl>([
+    [KVM_INTROSPECTION_HOOK, { name: 'KVM_INTROSPECTION_HOOK', size: decodeIoctl(KVM_INTROSPECTION_HOOK).size, run: (vm, a) => vm.#ioctlHook(a!) }],
+    [KVM_INTROSPECTION_UNHOOK, { name: 'KVM_INTROSPECTION_UNHOOK', size: 0, run: (vm) => vm.#ioctlUnhook() }],
+    [KVM_INTROSPECTION_PREUNHOOK, { name: 'KVM_INTROSPECTION_PREUNHOOK', size: 0, run: (vm) => vm.#ioctlPreunhook() }],
+  ]);
+
+  /**
+   * ioctl(vm_fd, request, arg) for the introspection requests (kvm_vm_ioctl):
+   * HOOK takes the 24-byte struct (bytes, or a pointer in this process);
+   * UNHOOK and PREUNHOOK take nothing. Returns 0 or throws a DeviceError;
+   * any other request: ENOTTY.
+   */
+  ioctl(request: number, arg: Uint8Array | bigint | number = 0): number {
+    const h = ModelVm.#ioctls.get(request >>> 0);
+    if (h === undefined) throw new DeviceError(-ENOTTY, ioctlName(request), { path: this.#path() });
+    let bytes: Uint8Array | null = null;
+    if (h.size > 0) {
+      // EPERM comes first: kvm_vm_ioctl checks enable_introspection before copy_from_user.
+      if (!this.host.introspection) throw this.#err(EPERM, h.name, VM_HINTS.EPERM);
+      bytes = arg instanceof Uint8Array
+        ? (arg.length >= h.size ? arg.subarray(0, h.size) : null)
+        : copy_from_user(BigInt.asUintN(64, BigInt(arg)), h.size);
+      if (bytes === null) throw this.#err(EFAULT, h.name, VM_HINTS.EFAULT);
+    }
+    return h.run(this, bytes);
+  }
+
+  /** KVM_INTROSPECTION_HOOK with a struct built from `args`. Returns 0 or throws. */
+  hook(args: HookArgs): number {
+    const uuid = args.uuid === undefined ? this.uuidBytes : typeof args.uuid === 'string' ? uuidParse(args.uuid) : args.uuid;
+    if (uuid.length !== 16) throw new UsageError('hook: uuid must be 16 bytes');
+    const buf = Buffer.alloc(HOOK_SIZE);
+    buf.writeInt32LE(args.fd | 0, 0);
+    buf.writeUInt32LE((args.padding ?? 0) >>> 0, 4);
+    buf.set(uuid, 8);
+    return this.ioctl(KVM_INTROSPECTION_HOOK, buf);
+  }
+
+  /** KVM_INTROSPECTION_UNHOOK: revoke mappings, drop tokens, close the connection. 0, or EPERM. */
+  unhook(): number {
+    return this.ioctl(KVM_INTROSPECTION_UNHOOK);
+  }
+
+  /**
+   * The device manager's pre-unhook (seed 004): KVM_INTROSPECTION_PREUNHOOK
+   * (EPERM / EFAULT not hooked / ENOENT socket error or UNHOOK event not
+   * enabled; otherwise the UNHOOK event is sent), then wait for the tool to
+   * reply or close the socket, or for the timeout, then UNHOOK.
+   */
+  preunhook(opts: PreunhookOptions = {}): Promise<UnhookAck> {
+    return deviceManager.preunhook(this, opts);
+  }
+
+  /** The device manager's connect + handshake + HOOK (QEMU's role). */
+  attach(opts: AttachOptions): Promise<Attachment> {
+    return deviceManager.attach(this, opts);
+  }
+
+  /**
+   * What this VM's KVMI connection answers to KVMI_GET_MAP_TOKEN: a fresh
+   * token, or a DeviceError EAGAIN over the limit; the VM must be hooked.
+   */
+  getMapToken(): Uint8Array {
+    if (!this.#hooked || this._removed || this.host.closed) {
+      throw new KvmmemError(`KVMI_GET_MAP_TOKEN: ${this.label} is not hooked`, {
+        code: 'ENOTCONN', errno: -107, syscall: 'KVMI_GET_MAP_TOKEN',
+        hint: 'tokens come from the KVMI connection of a hooked VM: attach() the VM to the tool first',
+      });
+    }
+    const t = this.host._tokens.issue(this);
+    if (t === null) {
+      throw new DeviceError(-EAGAIN, 'KVMI_GET_MAP_TOKEN', {
+        path: this.#path(),
+        hint: `too many tokens have accumulated (at most ${this.host._tokens.limit} unused per VM): use or let some expire`,
+      });
+    }
+    return t;
+  }
+
+  /** @internal the device manager waits for the tool after PREUNHOOK. */
+  _waitUnhookAck(timeoutMs: number): Promise<UnhookAck> {
+    return this.#conn === null ? Promise.resolve('closed') : this.#conn.waitUnhookAck(timeoutMs);
+  }
+
+  /** @internal kvmi_destroy_vm(): unhook whatever the introspection setting. */
+  _teardown(): void {
+    this.#unhookNow();
+  }
+
+  // kvmi_ioctl_hook() + kvmi_hook() (seed 000), in the kernel's order.
+  #ioctlHook(arg: Uint8Array): number {
+    const NAME = 'KVM_INTROSPECTION_HOOK';
+    const hook = decodeHook(arg);
+    if (hook.padding !== 0) throw this.#err(EINVAL, NAME, VM_HINTS.PADDING); // kvmi_ioctl_hook
+    if (this.#hooked) throw this.#err(EEXIST, NAME, VM_HINTS.EEXIST); // kvm->kvmi set
+    if (this._removed || this.host.closed) throw this.#err(ENODEV, NAME, 'the VM was removed');
+    const sock: net.Socket | null = sockfd_lookup(hook.fd); // __kvmi_hook -> kvmi_sock_get
+    if (sock === null) throw this.#err(EINVAL, NAME, VM_HINTS.FD);
+    this.#hooked = true;
+    this.#hookUuid = hook.uuid;
+    this.#conn = new KvmiConnection(sock, {
+      protocol: this.host.protocol,
+      label: this.label,
+      issueToken: () => (this.#hooked && !this._removed ? this.host._tokens.issue(this) : null),
+      onDisconnect: (c) => {
+        debug('%s: KVMI connection closed%s', this.label, c.errored ? ' after a socket error' : '');
+      },
+    });
+    debug('%s: hooked (fd %d)', this.label, hook.fd);
+    return 0;
+  }
+
+  #ioctlUnhook(): number {
+    if (!this.host.introspection) throw this.#err(EPERM, 'KVM_INTROSPECTION_UNHOOK', VM_HINTS.EPERM);
+    this.#unhookNow();
+    return 0;
+  }
+
+  // kvmi_ioctl_preunhook() (seed 004).
+  #ioctlPreunhook(): number {
+    const NAME = 'KVM_INTROSPECTION_PREUNHOOK';
+    if (!this.host.introspection) throw this.#err(EPERM, NAME, VM_HINTS.EPERM);
+    if (!this.#hooked || this.#conn === null) throw this.#err(EFAULT, NAME, VM_HINTS.PRE_EFAULT);
+    // kvmi_unhook_event(): only a tool that enabled the event gets it; a dead socket cannot.
+    if (!this.#conn.unhookEventEnabled || !this.#conn.sendUnhookEvent()) throw this.#err(ENOENT, NAME, VM_HINTS.PRE_ENOENT);
+    return 0;
+  }
+
+  /** kvmi_unhook(): stop the receive side, free everything. Idempotent. */
+  #unhookNow(): void {
+    const conn = this.#conn;
+    const was = this.#hooked;
+    this.#hooked = false;
+    this.#conn = null;
+    this.#hookUuid = null;
+    // Model improvement over v4: pages and tokens of the VM do not outlive the hook.
+    this.host._revoke(this);
+    this.host._tokens.dropVm(this);
+    conn?.shutdown();
+    if (was) debug('%s: unhooked', this.label);
+  }
+
+  #path(): string {
+    return `model:${this.host.name}/vm/${this.name}`;
+  }
+
+  #err(errno: number, syscall: string, hint: string): DeviceError {
+    return new DeviceError(-errno, syscall, { path: this.#path(), hint });
+  }
+}

@@ -1,0 +1,213 @@
+/**
+ * The host (KVM) side of the KVMI socket once a VM is hooked: the model's
+ * "receive thread" (seed 000 kvmi_recv_thread / kvmi_msg_process). It serves
+ * KVMI_GET_VERSION, KVMI_CONTROL_VM_EVENTS (v6) and KVMI_GET_MAP_TOKEN, takes
+ * KVMI_EVENT_REPLY for the UNHOOK event it sends on PREUNHOOK, and answers any
+ * other id with -KVM_ENOSYS. A framing error (a header announcing more than
+ * KVMI_MAX_MESSAGE_SIZE bytes, or a known command whose body has the wrong
+ * size, or an undecodable event reply) closes the socket, as the kernel drops
+ * the connection. Codecs come from src/abi.
+ */
+import type * as net from 'node:net';
+import { debuglog } from 'node:util';
+import {
+  CONTROL_VM_EVENTS_SIZE, EVENT_REPLY_SIZE, FrameReader, KVMI_EVENT_UNHOOK, KVMI_IDS, KVMI_VERSION,
+  decodeControlVmEvents, decodeEventReply, encodeErrorCode, encodeEvent, encodeGetVersionReply,
+  encodeMapTokenReply, encodeMessage, kvmiMessageName, type KvmiFrame, type KvmiProtocol,
+} from '../abi/kvmi.js';
+import { AbiDecodeError } from '../abi/errors.js';
+import { KVM_EAGAIN, KVM_EINVAL, KVM_ENOSYS } from '../abi/hypercall.js';
+
+const debug = debuglog('kvmmem');
+
+/** v6 KVMI_MSG_SIZE: header + body never exceed two pages. */
+export const KVMI_MAX_MESSAGE_SIZE = 8192;
+
+/** What the connection needs from its VM. */
+export interface KvmiConnectionOwner {
+  readonly protocol: KvmiProtocol;
+  /** Used in debug lines only. */
+  readonly label: string;
+  /** KVMI_GET_MAP_TOKEN: a token, or null for -KVM_EAGAIN (too many outstanding). */
+  issueToken(): Uint8Array | null;
+  /** The socket is gone (tool closed it, error, or shutdown()). */
+  onDisconnect(conn: KvmiConnection): void;
+}
+
+export type UnhookAck = 'reply' | 'closed' | 'timeout';
+
+export class KvmiConnection {
+  readonly socket: net.Socket;
+  readonly #owner: KvmiConnectionOwner;
+  readonly #reader = new FrameReader({ maxMessageSize: KVMI_MAX_MESSAGE_SIZE });
+  #unhookEvent = false;
+  #errored = false;
+  #closed = false;
+  #eventSeq = 0;
+  #waiters: ((ack: UnhookAck) => void)[] = [];
+  /** Counters for diagnostics and tests. */
+  readonly counts = { commands: 0, replies: 0, events: 0, framingErrors: 0 };
+
+  constructor(socket: net.Socket, owner: KvmiConnectionOwner) {
+    this.socket = socket;
+    this.#owner = owner;
+    socket.on('data', this.#onData);
+    socket.on('error', this.#onError);
+    socket.on('close', this.#onClose);
+    socket.on('end', this.#onEnd);
+    if (socket.destroyed) queueMicrotask(this.#onClose);
+    else socket.resume();
+  }
+
+  /** The tool enabled KVMI_EVENT_UNHOOK through KVMI_CONTROL_VM_EVENTS. */
+  get unhookEventEnabled(): boolean { return this.#unhookEvent; }
+  /** The socket reported an error. */
+  get errored(): boolean { return this.#errored; }
+  get closed(): boolean { return this.#closed; }
+
+  /**
+   * Sends the UNHOOK event (kvmi_msg_send_unhook). false when it cannot be sent
+   * (the socket is gone or errored): PREUNHOOK then answers -ENOENT.
+   */
+  sendUnhookEvent(): boolean {
+    if (this.#closed || this.#errored || this.socket.destroyed || !this.socket.writable) return false;
+    const ids = KVMI_IDS[this.#owner.protocol];
+    const body = encodeEvent({ vcpu: 0, event: KVMI_EVENT_UNHOOK });
+    this.counts.events++;
+    this.socket.write(encodeMessage({ id: ids.EVENT, seq: ++this.#eventSeq >>> 0 }, body));
+    debug('%s: sent KVMI_EVENT(UNHOOK)', this.#owner.label);
+    return true;
+  }
+
+  /** Resolves when the tool replies to the UNHOOK event, closes the socket, or after timeoutMs. */
+  waitUnhookAck(timeoutMs: number): Promise<UnhookAck> {
+    if (this.#closed) return Promise.resolve('closed');
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.#waiters = this.#waiters.filter((w) => w !== done);
+        resolve('timeout');
+      }, timeoutMs);
+      const done = (ack: UnhookAck) => {
+        clearTimeout(timer);
+        resolve(ack);
+      };
+      this.#waiters.push(done);
+    });
+  }
+
+  /** kvmi_sock_shutdown + put: the tool sees EOF, the fd is released. */
+  shutdown(): void {
+    if (!this.socket.destroyed) {
+      this.socket.end();
+      this.socket.destroy();
+    }
+    this.#markClosed();
+  }
+
+  #onData = (chunk: Buffer): void => {
+    if (this.#closed) return;
+    this.#reader.push(chunk);
+    try {
+      for (let f = this.#reader.next(); f !== null; f = this.#reader.next()) {
+        if (!this.#handle(f)) return;
+      }
+    } catch (e) {
+      this.#framingError(e instanceof AbiDecodeError ? e.message : String(e));
+    }
+  };
+
+  /** Handles one message; false when the connection was dropped. */
+  #handle(f: KvmiFrame): boolean {
+    const ids = KVMI_IDS[this.#owner.protocol];
+    const { id, size, seq } = f.hdr;
+    if (id === ids.EVENT_REPLY) {
+      if (size !== EVENT_REPLY_SIZE && size !== 8 + EVENT_REPLY_SIZE) {
+        return this.#framingError(`KVMI_EVENT_REPLY of ${size} bytes`);
+      }
+      // v6 replies to vCPU events carry a kvmi_vcpu_hdr first; the reply is the last 8 bytes.
+      const reply = decodeEventReply(f.body, size - EVENT_REPLY_SIZE);
+      this.counts.replies++;
+      if (reply.event === KVMI_EVENT_UNHOOK && this.#waiters.length > 0) this.#wake('reply');
+      else debug('%s: event reply for event %d with nothing waiting: ignored', this.#owner.label, reply.event);
+      return true;
+    }
+    this.counts.commands++;
+    if (id === ids.GET_VERSION) {
+      if (size !== 0) return this.#framingError(`KVMI_GET_VERSION with a ${size}-byte body`);
+      const data = encodeGetVersionReply(this.#owner.protocol, this.#owner.protocol === 'v4'
+        ? { version: KVMI_VERSION, commands: (1 << ids.GET_VERSION) | (1 << ids.GET_MAP_TOKEN), events: 0 }
+        : { version: KVMI_VERSION });
+      return this.#reply(id, seq, 0, data);
+    }
+    if (ids.CONTROL_VM_EVENTS !== null && id === ids.CONTROL_VM_EVENTS) {
+      if (size !== CONTROL_VM_EVENTS_SIZE) return this.#framingError(`KVMI_CONTROL_VM_EVENTS with a ${size}-byte body`);
+      let req;
+      try {
+        req = decodeControlVmEvents(f.body);
+      } catch {
+        return this.#reply(id, seq, -KVM_EINVAL); // non-zero padding
+      }
+      if (req.eventId !== KVMI_EVENT_UNHOOK) return this.#reply(id, seq, -KVM_EINVAL);
+      this.#unhookEvent = req.enable;
+      debug('%s: UNHOOK event %s', this.#owner.label, req.enable ? 'enabled' : 'disabled');
+      return this.#reply(id, seq, 0);
+    }
+    if (id === ids.GET_MAP_TOKEN) {
+      if (size !== 0) return this.#framingError(`KVMI_GET_MAP_TOKEN with a ${size}-byte body`);
+      const token = this.#owner.issueToken();
+      if (token === null) {
+        debug('%s: KVMI_GET_MAP_TOKEN refused: too many tokens have accumulated', this.#owner.label);
+        return this.#reply(id, seq, -KVM_EAGAIN);
+      }
+      this.#send(encodeMessage({ id, seq }, encodeMapTokenReply(token)));
+      return true;
+    }
+    debug('%s: %s (id %d, %d bytes): -KVM_ENOSYS', this.#owner.label, kvmiMessageName(this.#owner.protocol, id), id, size);
+    return this.#reply(id, seq, -KVM_ENOSYS);
+  }
+
+  #reply(id: number, seq: number, err: number, data?: Uint8Array): boolean {
+    const ec = encodeErrorCode(err);
+    const body = err === 0 && data !== undefined ? Buffer.concat([ec, data]) : ec;
+    this.#send(encodeMessage({ id, seq }, body));
+    return true;
+  }
+
+  #send(buf: Buffer): void {
+    if (!this.socket.destroyed && this.socket.writable) this.socket.write(buf);
+  }
+
+  #framingError(why: string): false {
+    this.counts.framingErrors++;
+    debug('%s: framing error (%s): closing the socket', this.#owner.label, why);
+    this.shutdown();
+    return false;
+  }
+
+  #wake(ack: UnhookAck): void {
+    const ws = this.#waiters;
+    this.#waiters = [];
+    for (const w of ws) w(ack);
+  }
+
+  #onError = (e: Error): void => {
+    this.#errored = true;
+    debug('%s: socket error: %s', this.#owner.label, e.message);
+  };
+
+  #onEnd = (): void => {
+    // The tool closed its side: the receive loop ends and shuts the socket down.
+    this.shutdown();
+  };
+
+  #onClose = (): void => {
+    this.#markClosed();
+  };
+
+  #markClosed(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#wake('closed');
+    this.#owner.onDisconnect(this);
+  }
+}
