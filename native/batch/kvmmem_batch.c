@@ -11,7 +11,11 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
-int kvmmem_batch_abi_version(void) { return 1; }
+/*
+ * ABI 1: kvmmem_ioctl_many_ptr/_val, kvmmem_remap_many (kinds 0 and 1).
+ * ABI 2: + kvmmem_remap_one, + remap kind 2 (shared, read-only).
+ */
+int kvmmem_batch_abi_version(void) { return 2; }
 
 /* count ioctls whose argument is a pointer to record i (base + i * stride). */
 int32_t kvmmem_ioctl_many_ptr(int fd, unsigned long req, uint8_t *base, uint64_t stride,
@@ -39,10 +43,25 @@ int32_t kvmmem_ioctl_many_val(int fd, unsigned long req, const uint64_t *vals,
 	return ok;
 }
 
+/* One remap: kind 0 shared read-write, 2 shared read-only (file at off); 1 fresh private zero page(s). */
+static int remap(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off)
+{
+	void *want = (void *)(uintptr_t)addr;
+	void *p;
+	if (kind == 1)
+		p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+	else
+		p = mmap(want, len, kind == 2 ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, off);
+	if (p == MAP_FAILED) return -errno;
+	/* A page put in with MAP_FIXED is not locked even if the range was: lock again. */
+	if (mlock(p, len) < 0) return -errno;
+	return 0;
+}
+
 /*
  * The model host's page remaps. kind 0: put the target VM's memory (fd, off)
- * at addr (MAP_SHARED|MAP_FIXED); kind 1: give addr a fresh zeroed private page.
- * A page put in with MAP_FIXED is not locked even if the range was: lock again.
+ * at addr (MAP_SHARED|MAP_FIXED); kind 1: give addr a fresh zeroed private page;
+ * kind 2: as 0, read-only (a read-only memory image).
  * Runs of records are independent; each gets 0 or -errno.
  */
 int32_t kvmmem_remap_many(uint32_t kind, const uint64_t *addrs, const uint64_t *lens,
@@ -50,14 +69,14 @@ int32_t kvmmem_remap_many(uint32_t kind, const uint64_t *addrs, const uint64_t *
 {
 	int32_t ok = 0;
 	for (uint32_t i = 0; i < count; i++) {
-		void *want = (void *)(uintptr_t)addrs[i];
-		void *p = kind == 0
-			? mmap(want, lens[i], PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offs[i])
-			: mmap(want, lens[i], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-		if (p == MAP_FAILED) { results[i] = -errno; continue; }
-		if (mlock(p, lens[i]) < 0) { results[i] = -errno; continue; }
-		results[i] = 0;
-		ok++;
+		results[i] = remap(kind, addrs[i], lens[i], fd, kind == 1 ? 0 : offs[i]);
+		ok += results[i] == 0;
 	}
 	return ok;
+}
+
+/* One remap (as kvmmem_remap_many with count 1): one ffi crossing instead of mmap + mlock. */
+int32_t kvmmem_remap_one(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off)
+{
+	return remap(kind, addr, len, fd, off);
 }

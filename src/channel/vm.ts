@@ -16,9 +16,9 @@ import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
 import {
-  decodeEvent, decodeGetVersionReply, decodeMsgHdr, encodeControlVmEvents, encodeEventReply, encodeMessage,
+  decodeEvent, decodeGetVersionReply, decodeMsgHdr, encodeControlVmEvents, encodeEventReply, encodeMessage, encodeMsgHdr,
   kvmiMessageName, ERROR_CODE_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
-  KVMI_IDS, MSG_HDR_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
+  KVMI_IDS, MSG_HDR_SIZE, MSG_MAX_BODY_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
 } from '../abi/kvmi.js';
 import { MEM_TOKEN_SIZE } from '../abi/structs.js';
 import { ERRNO } from '../abi/errno.js';
@@ -37,6 +37,13 @@ const MAX_ABANDONED = 256;
 export const HOST_TOKEN_LIMIT: Readonly<Record<KvmiProtocol, number>> = Object.freeze({ v4: Infinity, v6: 8 });
 
 const EMPTY = Buffer.alloc(0);
+const noop = () => {};
+/** n empty bodies (KVMI_GET_MAP_TOKEN has none), shared: never written to. */
+let emptyBodies: Uint8Array[] = [];
+function tokenBodies(n: number): Uint8Array[] {
+  if (emptyBodies.length < n) emptyBodies = new Array<Uint8Array>(Math.max(n, 2 * emptyBodies.length)).fill(EMPTY);
+  return n === emptyBodies.length ? emptyBodies : emptyBodies.slice(0, n);
+}
 
 export type VmState = 'connected' | 'unhooking' | 'gone';
 
@@ -73,11 +80,22 @@ export interface RequestOptions {
 
 interface Expectation { id: number; name: string; expect: number | undefined }
 
+/**
+ * The requests of one requestMany() write share one deadline, so they share one
+ * timer (a timer per request cost more than the request itself).
+ */
+interface Group {
+  timer: NodeJS.Timeout | null;
+  /** Requests of the group still pending. */
+  left: number;
+}
+
 interface Pending extends Expectation {
   seq: number;
+  /** Gets the reply's data (after kvmi_error_code), as a view into the receive buffer: copy it to keep it. */
   resolve(data: Buffer): void;
   reject(e: Error): void;
-  timer: NodeJS.Timeout | null;
+  group: Group | null;
 }
 
 /** 8-4-4-4-12 lowercase hex. uuid's stringify when the bytes form an RFC 9562 UUID; QEMU accepts any 16 bytes, so others are formatted the same way. */
@@ -159,6 +177,7 @@ export class Vm extends EventEmitter {
   #seq = 0;
   #maxInFlight = 0;
   #received = 0;
+  #labelText: string | undefined;
 
   /** @internal Used by IntrospectionServer once the handshake is done; `leftover` = bytes read past it. */
   constructor(stream: Duplex, hello: Qemu2Introspector, options: VmOptions = {}, leftover: Buffer = EMPTY) {
@@ -256,28 +275,52 @@ export class Vm extends EventEmitter {
       const reason = this.#goneInfo?.reason ?? 'unhooking';
       return bodies.map(() => Promise.reject(new VmGoneError(reason, { vm: this.#label(), syscall: name })));
     }
-    const timeoutMs = options.timeoutMs ?? this.#requestTimeoutMs;
-    // Encode everything first: a bad body throws before any request is registered.
-    const seqs: number[] = [];
-    const frames = bodies.map((body) => {
-      const seq = this.#nextSeq();
-      seqs.push(seq);
-      return encodeMessage({ id, seq }, body);
-    });
-    const promises = seqs.map((seq) => {
-      return new Promise<Buffer>((resolve, reject) => {
-        const p: Pending = { id, name, expect: options.expect, seq, resolve, reject, timer: null };
-        if (timeoutMs > 0 && Number.isFinite(timeoutMs)) {
-          p.timer = setTimeout(() => this.#timeout(p, timeoutMs), timeoutMs);
-          p.timer.unref();
-        }
-        this.#pending.set(seq, p);
+    const promises = new Array<Promise<Buffer>>(bodies.length);
+    const copy = (resolve: (b: Buffer) => void) => (data: Buffer) => resolve(Buffer.from(data));
+    this.#send(id, name, bodies, options, (k, p) => {
+      promises[k] = new Promise<Buffer>((resolve, reject) => {
+        p.resolve = copy(resolve);
+        p.reject = reject;
       });
     });
-    if (this.#pending.size > this.#maxInFlight) this.#maxInFlight = this.#pending.size;
-    debug('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
-    this.#write(frames.length === 1 ? frames[0]! : Buffer.concat(frames));
     return promises;
+  }
+
+  /**
+   * Encodes every request into ONE buffer (a bad body throws before anything is
+   * registered), registers them under one shared timer, and writes them at once.
+   * `bind(k, p)` sets request k's callbacks.
+   */
+  #send(id: number, name: string, bodies: readonly Uint8Array[], options: RequestOptions, bind: (k: number, p: Pending) => void): void {
+    const timeoutMs = options.timeoutMs ?? this.#requestTimeoutMs;
+    let total = 0;
+    for (const body of bodies) {
+      if (!(body instanceof Uint8Array)) throw new TypeError('message body must be a Uint8Array');
+      if (body.length > MSG_MAX_BODY_SIZE) throw new RangeError(`message body of ${body.length} bytes exceeds the u16 size limit (${MSG_MAX_BODY_SIZE})`);
+      total += MSG_HDR_SIZE + body.length;
+    }
+    const frames = Buffer.allocUnsafe(total);
+    const group: Group | null = timeoutMs > 0 && Number.isFinite(timeoutMs) ? { timer: null, left: bodies.length } : null;
+    const seqs: number[] = new Array<number>(bodies.length);
+    let off = 0;
+    for (let k = 0; k < bodies.length; k++) {
+      const body = bodies[k]!;
+      const seq = this.#nextSeq();
+      seqs[k] = seq;
+      encodeMsgHdr({ id, size: body.length, seq }, frames, off);
+      if (body.length > 0) frames.set(body, off + MSG_HDR_SIZE);
+      off += MSG_HDR_SIZE + body.length;
+      const p: Pending = { id, name, expect: options.expect, seq, resolve: noop, reject: noop, group };
+      bind(k, p);
+      this.#pending.set(seq, p);
+    }
+    if (group !== null) {
+      group.timer = setTimeout(() => this.#timeoutGroup(group, seqs, timeoutMs), timeoutMs);
+      group.timer.unref();
+    }
+    if (this.#pending.size > this.#maxInFlight) this.#maxInFlight = this.#pending.size;
+    if (debug.enabled) debug('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
+    this.#write(frames);
   }
 
   /** One KVMI_GET_MAP_TOKEN round trip: a fresh single-use 32-byte token. */
@@ -292,20 +335,37 @@ export class Vm extends EventEmitter {
    * host after 3 s on v6). Use getMapTokensSettled to keep them.
    */
   async getMapTokens(n: number): Promise<Uint8Array[]> {
-    return Promise.all(this.#tokenRequests(n));
+    const r = await this.getMapTokensSettled(n);
+    for (const x of r) if (x instanceof Error) throw x;
+    return r as Uint8Array[];
   }
 
-  /** Like getMapTokens, but one result per request: a token or the error for that request. */
-  async getMapTokensSettled(n: number): Promise<(Uint8Array | Error)[]> {
-    const r = await Promise.allSettled(this.#tokenRequests(n));
-    return r.map((x) => (x.status === 'fulfilled' ? x.value : x.reason as Error));
-  }
-
-  #tokenRequests(n: number): Promise<Uint8Array>[] {
-    if (!Number.isInteger(n) || n < 0 || n > MAX_PIPELINE) throw new UsageError(`token count must be an integer in 0..${MAX_PIPELINE}, got ${String(n)}`);
-    if (n === 0) return [];
-    return this.requestMany(this.#ids.GET_MAP_TOKEN, new Array<Uint8Array>(n).fill(EMPTY), { expect: MEM_TOKEN_SIZE })
-      .map((p) => p.then((data) => new Uint8Array(data)));
+  /**
+   * Like getMapTokens, but one result per request: a token or the error for that request.
+   * One promise for the whole batch (not one per request): the hot path of every map.
+   */
+  getMapTokensSettled(n: number): Promise<(Uint8Array | Error)[]> {
+    if (!Number.isInteger(n) || n < 0 || n > MAX_PIPELINE) return Promise.reject(new UsageError(`token count must be an integer in 0..${MAX_PIPELINE}, got ${String(n)}`));
+    if (n === 0) return Promise.resolve([]);
+    const id = this.#ids.GET_MAP_TOKEN;
+    const name = 'KVMI_GET_MAP_TOKEN';
+    const out = new Array<Uint8Array | Error>(n);
+    if (this.#state !== 'connected') {
+      const reason = this.#goneInfo?.reason ?? 'unhooking';
+      for (let k = 0; k < n; k++) out[k] = new VmGoneError(reason, { vm: this.#label(), syscall: name });
+      return Promise.resolve(out);
+    }
+    return new Promise((resolve) => {
+      let left = n;
+      const settle = (k: number, v: Uint8Array | Error) => {
+        out[k] = v;
+        if (--left === 0) resolve(out);
+      };
+      this.#send(id, name, tokenBodies(n), { expect: MEM_TOKEN_SIZE }, (k, p) => {
+        p.resolve = (data) => settle(k, new Uint8Array(data)); // one copy, out of the receive buffer
+        p.reject = (e) => settle(k, e);
+      });
+    });
   }
 
   /** KVMI_CONTROL_VM_EVENTS (v6 only; v4 has no such command and rejects with KvmiError ENOSYS). */
@@ -370,7 +430,7 @@ export class Vm extends EventEmitter {
   }
 
   #label(): string {
-    return this.name === '' ? this.uuid : `${this.name} (${this.uuid})`;
+    return (this.#labelText ??= this.name === '' ? this.uuid : `${this.name} (${this.uuid})`);
   }
 
   #nextSeq(): number {
@@ -386,9 +446,19 @@ export class Vm extends EventEmitter {
     });
   }
 
+  #timeoutGroup(group: Group, seqs: number[], ms: number): void {
+    group.timer = null;
+    for (const seq of seqs) {
+      const p = this.#pending.get(seq);
+      if (p !== undefined && p.group === group) this.#timeout(p, ms);
+      if (this.#state === 'gone') return;
+    }
+  }
+
   #timeout(p: Pending, ms: number): void {
     if (this.#pending.get(p.seq) !== p) return;
     this.#pending.delete(p.seq);
+    this.#settled(p);
     this.#abandoned.set(p.seq, { id: p.id, name: p.name, expect: p.expect });
     debug('vm %s: %s seq %d timed out after %d ms', this.#label(), p.name, p.seq, ms);
     p.reject(new TimeoutError(`${p.name} on VM ${this.#label()}`, ms, {
@@ -434,6 +504,14 @@ export class Vm extends EventEmitter {
 
   /** Header-level checks, so a bad frame is caught before its (maybe never coming) body. */
   #checkHeader(hdr: MsgHdr): string | null {
+    const p = hdr.id === this.#ids.EVENT ? undefined : this.#pending.get(hdr.seq);
+    // The common case, checked without building any string.
+    if (p !== undefined && p.id === hdr.id && hdr.size >= ERROR_CODE_SIZE
+      && (p.expect === undefined || hdr.size === ERROR_CODE_SIZE || hdr.size === ERROR_CODE_SIZE + p.expect)) return null;
+    return this.#headerProblem(hdr);
+  }
+
+  #headerProblem(hdr: MsgHdr): string | null {
     const seq = `0x${hdr.seq.toString(16)}`;
     if (hdr.id === this.#ids.EVENT) {
       if (hdr.size < EVENT_SIZE) return `event message (seq ${seq}) of ${hdr.size} bytes is shorter than kvmi_event (${EVENT_SIZE})`;
@@ -453,32 +531,41 @@ export class Vm extends EventEmitter {
   }
 
   #onReply(hdr: MsgHdr, body: Buffer): void {
-    const seq = `0x${hdr.seq.toString(16)}`;
+    const seq = () => `0x${hdr.seq.toString(16)}`;
     const p = this.#pending.get(hdr.seq);
     const e = p ?? this.#abandoned.get(hdr.seq)!;
     const err = body.readInt32LE(0);
     const padding = body.readUInt32LE(4);
     if (padding !== 0) {
-      this.#violation(`reply to ${e.name} (seq ${seq}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
+      this.#violation(`reply to ${e.name} (seq ${seq()}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
       return;
     }
     if (err !== 0 && body.length !== ERROR_CODE_SIZE) {
-      this.#violation(`error reply to ${e.name} (seq ${seq}) carries ${body.length - ERROR_CODE_SIZE} bytes of data`);
+      this.#violation(`error reply to ${e.name} (seq ${seq()}) carries ${body.length - ERROR_CODE_SIZE} bytes of data`);
       return;
     }
     if (err === 0 && e.expect !== undefined && body.length !== ERROR_CODE_SIZE + e.expect) {
-      this.#violation(`reply to ${e.name} (seq ${seq}) has ${body.length - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
+      this.#violation(`reply to ${e.name} (seq ${seq()}) has ${body.length - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
       return;
     }
     if (p === undefined) {
       this.#abandoned.delete(hdr.seq);
-      debug('vm %s: late reply to %s seq %s dropped', this.#label(), e.name, seq);
+      debug('vm %s: late reply to %s seq %s dropped', this.#label(), e.name, seq());
       return;
     }
     this.#pending.delete(hdr.seq);
-    if (p.timer !== null) clearTimeout(p.timer);
+    this.#settled(p);
     if (err !== 0) p.reject(new KvmiError(err, p.name, { seq: hdr.seq, vm: this.#label() }));
-    else p.resolve(Buffer.from(body.subarray(ERROR_CODE_SIZE)));
+    else p.resolve(body.subarray(ERROR_CODE_SIZE));
+  }
+
+  /** p left #pending: the last of its group stops the group's timer. */
+  #settled(p: Pending): void {
+    const g = p.group;
+    if (g !== null && --g.left === 0 && g.timer !== null) {
+      clearTimeout(g.timer);
+      g.timer = null;
+    }
   }
 
   #onEvent(seq: number, body: Buffer): void {
@@ -562,7 +649,10 @@ export class Vm extends EventEmitter {
     this.#pending.clear();
     this.#abandoned.clear();
     for (const p of pending) {
-      if (p.timer !== null) clearTimeout(p.timer);
+      if (p.group !== null && p.group.timer !== null) {
+        clearTimeout(p.group.timer);
+        p.group.timer = null;
+      }
       p.reject(new VmGoneError(reason, { vm: this.#label(), syscall: p.name, ...(error === undefined ? {} : { cause: error }) }));
     }
     this.#closeStream(error !== undefined);

@@ -12,6 +12,7 @@ import { ModelLab } from '../client/model-lab.js';
 import { CliUsageError, EXIT, hexdump, openRam, output, parseAddress, parseCount, progressBar, runCommand } from './common.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
+import { formatTable, runBench } from './bench.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -162,6 +163,20 @@ export function buildProgram(): Command {
       out.say(`${results.filter((r) => r.status === 'pass').length} passed, ${failed} failed, ${results.filter((r) => r.status === 'skip').length} skipped`);
       out.result({ target, results, ok: failed === 0 });
       return failed === 0 ? EXIT.OK : EXIT.FAILED;
+    }));
+
+  program.command('bench')
+    .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes bench/results/latest.json and BENCHMARKS.md')
+    .option('--quick', 'smaller sizes and fewer repetitions (under a minute)')
+    .option('--json', 'one JSON document instead of the table')
+    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale')
+    .option('--no-write', 'do not write bench/results/latest.json and BENCHMARKS.md')
+    .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --json > results.json')
+    .action((o) => runCommand(async () => {
+      const report = await runBench({ quick: !!o.quick, write: o.write !== false, ...(o.only ? { only: String(o.only).split(',').filter(Boolean) } : {}) });
+      const out = output(!!o.json);
+      out.say(formatTable(report));
+      out.result(report);
     }));
 
   return program;

@@ -29,6 +29,9 @@ export interface SessionOptions {
   deadlineMs?: number;
 }
 
+/** Smallest batch worth a second round trip in flight (below it, fewer, larger batches win). */
+const PIPELINE_MIN = 32;
+
 const DEFAULTS: Required<SessionOptions> = { maxTokensInFlight: 8, retries: 30, retryDelayMs: 1000, deadlineMs: 30_000 };
 
 export interface SessionStats {
@@ -118,7 +121,10 @@ export class Session {
   readonly #ranges = new Set<RangeRecord>();
   readonly #byVm = new Map<TargetVm, VmIndex>();
   readonly #ref = new WeakRef(this);
-  readonly #record = Buffer.alloc(MEM_MAP_SIZE);
+  #records = Buffer.alloc(0);
+  #results = new Int32Array(0);
+  #unmapValues = Buffer.alloc(0);
+  #unmapResults = new Int32Array(0);
   #closed = false;
   readonly #stats: SessionStats = { live: 0, maps: 0, unmaps: 0, tokens: 0, tokenRoundTrips: 0, retries: 0, revoked: 0 };
 
@@ -145,14 +151,15 @@ export class Session {
       pagePool.give(slot);
       throw e;
     }
-    libc.mlockRaw(slot.address, PAGE_SIZE); // a page put in by the host is not locked even if the range was
+    // No mlock here: the page stays locked. A real host changes its EPT, not our page
+    // table; the model host re-locks every page it puts in with MAP_FIXED (host.ts).
     const rec: PageRecord = { vm, gpa: base, slot, dead: null };
     this.#pages.set(slot.address, rec);
     this.#index(vm).pages.add(rec);
     this.#stats.live++;
     const page = new MappedPage(this, rec);
     finalizer.register(page, { session: this.#ref, rec }, rec);
-    debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(slot.address));
+    if (debug.enabled) debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(slot.address));
     return page;
   }
 
@@ -184,10 +191,10 @@ export class Session {
       else this.#forgetRange(rec);
       throw e;
     }
-    libc.mlockRaw(window.address, window.length);
+    // (No mlock of the window again: see map().)
     const range = new MappedRange(this, rec, pageOffset(start), length);
     finalizer.register(range, { session: this.#ref, rec }, rec);
-    debug('mapRange vm=%s gpa=%s pages=%d -> %s', vm.name, hex(first), pages, hex(window.address));
+    if (debug.enabled) debug('mapRange vm=%s gpa=%s pages=%d -> %s', vm.name, hex(first), pages, hex(window.address));
     return range;
   }
 
@@ -267,15 +274,20 @@ export class Session {
     if (this.#closed) throw new ClosedError('session');
     let firstError = 0;
     if (rec.live > 0) {
-      const values = Buffer.alloc(8 * rec.live);
-      const which: number[] = [];
+      const { values, results } = this.#unmapScratch(rec.live);
+      let n = 0;
+      const base = rec.window.address;
       for (let i = 0; i < rec.pages; i++) {
-        if (rec.mapped[i]) { values.writeBigUInt64LE(BigInt(rec.window.address + i * PAGE_SIZE), 8 * which.length); which.push(i); }
+        if (rec.mapped[i]) {
+          const a = base + i * PAGE_SIZE; // < 2^47: two exact u32 halves
+          values.writeUInt32LE(a % 0x1_0000_0000, 8 * n);
+          values.writeUInt32LE(Math.floor(a / 0x1_0000_0000), 8 * n + 4);
+          n++;
+        }
       }
-      const results = new Int32Array(which.length);
-      this.device.ioctlBatch(KVM_INTRO_MEM_UNMAP, values, 0, which.length, results);
-      this.#stats.unmaps += which.length;
-      for (let k = 0; k < which.length; k++) {
+      this.device.ioctlBatch(KVM_INTRO_MEM_UNMAP, values, 0, n, results);
+      this.#stats.unmaps += n;
+      for (let k = 0; k < n; k++) {
         if (results[k]! < 0 && results[k] !== -ERRNO.ENOENT && firstError === 0) firstError = results[k]!;
       }
       this.#stats.live -= rec.live;
@@ -352,25 +364,46 @@ export class Session {
    * batch. ENOENT (token lost or expired) is retried once with a fresh token,
    * EAGAIN/EBUSY with bounded backoff. On any other failure everything this call
    * mapped is unmapped again and a typed error is thrown.
+   *
+   * Pipelining: when the token budget (maxTokensInFlight) holds two batches of at
+   * least PIPELINE_MIN tokens, two token requests are kept in flight: batch k+1's
+   * round trip overlaps batch k's MAPs, and a new request is sent only after a
+   * batch's MAPs consumed its tokens, so the host never holds more than the
+   * budget unconsumed. Below that (v6: 8 tokens), one full batch per round trip.
    */
   async #mapItems(vm: TargetVm, items: Item[], alive: () => boolean, onMapped?: (i: number) => void): Promise<void> {
     const o = this.options;
     const t0 = Date.now();
     let pending = items.map((_, i) => i);
-    let batch = o.maxTokensInFlight;
+    let budget = o.maxTokensInFlight;
     let delay = 1;
     let lastTransient: Error | null = null;
-    const records = Buffer.alloc(MEM_MAP_SIZE * Math.min(batch, items.length));
-    const results = new Int32Array(Math.min(batch, items.length));
     while (pending.length > 0) {
       const next: number[] = [];
       let transient = false;
-      for (let off = 0; off < pending.length;) {
-        const chunk = pending.slice(off, off + batch);
-        off += chunk.length; // batch may shrink below
+      const depth = budget >= 2 * PIPELINE_MIN && pending.length > budget ? 2 : 1;
+      const size = depth === 2 ? Math.ceil(budget / 2) : budget;
+      let off = 0;
+      const inflight: { chunk: number[]; got: Promise<(Uint8Array | Error)[]> }[] = [];
+      const issue = () => {
+        if (off >= pending.length) return;
+        const chunk = pending.slice(off, off + size);
+        off += chunk.length;
+        let got: Promise<(Uint8Array | Error)[]>;
+        try {
+          got = vm.getMapTokensSettled(chunk.length);
+        } catch (e) {
+          got = Promise.reject(e); // a TargetVm that throws instead of rejecting: handled where awaited
+        }
+        got.catch(() => {}); // awaited below; never an unhandled rejection if this call throws first
+        inflight.push({ chunk, got });
+      };
+      for (let d = 0; d < depth; d++) issue();
+      while (inflight.length > 0) {
+        const { chunk, got: gotP } = inflight.shift()!;
         let got: (Uint8Array | Error)[];
         try {
-          got = await vm.getMapTokensSettled(chunk.length);
+          got = await gotP;
         } catch (e) {
           this.#aliveOrThrow(vm, alive);
           throw this.#rollback(items, e);
@@ -379,6 +412,7 @@ export class Session {
         this.#aliveOrThrow(vm, alive);
         // Use every token that came back; requests the host refused (EAGAIN: over its
         // outstanding limit) go round again with a smaller batch.
+        const { records, results } = this.#scratch(chunk.length);
         const use: number[] = [];
         let n = 0;
         for (let k = 0; k < chunk.length; k++) {
@@ -397,11 +431,18 @@ export class Session {
           }
         }
         got.length = 0;
-        if (use.length < chunk.length && batch > 1) batch = Math.max(1, use.length);
+        if (use.length < chunk.length && budget > 1) {
+          // Over the host's limit (someone else holds tokens of this VM too): shrink, and
+          // stop issuing in this pass (what is in flight is still used; the rest goes round again).
+          budget = Math.max(1, use.length);
+          for (let k = off; k < pending.length; k++) next.push(pending[k]!);
+          off = pending.length;
+        }
         this.#stats.tokens += use.length;
-        if (use.length === 0) continue;
-        this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, use.length, results);
-        records.fill(0, 0, use.length * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+        if (use.length > 0) {
+          this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, use.length, results);
+          records.fill(0, 0, use.length * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+        }
         // Record every success of the batch before acting on a failure, so rollback sees them all.
         let fatal: unknown = null;
         for (let k = 0; k < use.length; k++) {
@@ -427,6 +468,8 @@ export class Session {
           }
         }
         if (fatal !== null) throw this.#rollback(items, fatal);
+        // The MAPs consumed this batch's tokens: room for the next request.
+        issue();
       }
       pending = next;
       if (pending.length > 0 && transient) {
@@ -436,6 +479,31 @@ export class Session {
         if (!this.#aliveOrThrow(vm, alive)) break;
       }
     }
+  }
+
+  /**
+   * The session's MAP records and results for a batch of n, reused across
+   * batches (and pinned, so the native batch call takes their addresses). Safe to
+   * share: each batch encodes, issues and reads them with no await in between.
+   */
+  #unmapScratch(n: number): { values: Buffer; results: Int32Array } {
+    if (this.#unmapValues.length < 8 * n) {
+      this.#unmapValues = Buffer.alloc(8 * n);
+      this.#unmapResults = new Int32Array(n);
+      libc.pin(this.#unmapValues);
+      libc.pin(this.#unmapResults);
+    }
+    return { values: this.#unmapValues, results: this.#unmapResults };
+  }
+
+  #scratch(n: number): { records: Buffer; results: Int32Array } {
+    if (this.#records.length < n * MEM_MAP_SIZE) {
+      this.#records = Buffer.alloc(n * MEM_MAP_SIZE);
+      this.#results = new Int32Array(n);
+      libc.pin(this.#records);
+      libc.pin(this.#results);
+    }
+    return { records: this.#records, results: this.#results };
   }
 
   /** After an await: is the mapping still wanted? Throws the right error when not. */

@@ -44,6 +44,98 @@ function fail(syscall: string, errno: number, path?: string, hint?: string): nev
 
 type Errno<T> = { value: T; errnoCode: number };
 
+// ---- pointer arguments without ffi-rs's per-array marshalling ----
+// ffi-rs marshals every U8Array argument on every call (measured 5-7 us each on
+// the bench machine, more than the call itself); a U64 address costs next to
+// nothing. So pointer arguments go as addresses: a view whose ArrayBuffer has a
+// known ("pinned") address is passed as base + offset; a small one is staged
+// through a native scratch arena (copied in before the call, out after it).
+// ArrayBuffer backing stores never move while the ArrayBuffer lives (a detached
+// or resized one no longer matches its recorded length and is looked up again).
+const pinned = new WeakMap<ArrayBufferLike, { base: number; len: number }>();
+/** Views of at most this many bytes are staged; bigger ones are pinned (one ffi call, once per buffer). */
+const STAGE_MAX = 64 * 1024;
+const ARENA_BYTES = 1 << 20;
+
+class Stager {
+  readonly #addr: number;
+  readonly #arena: Uint8Array;
+  #top = 0;
+  #out: { v: ArrayBufferView; off: number; len: number; at: number }[] = [];
+  constructor(addr: number, arena: Uint8Array) {
+    this.#addr = addr;
+    this.#arena = arena;
+  }
+  reset(): this {
+    if (this.#top > 0) this.#arena.fill(0, 0, this.#top); // a call that threw before done()
+    this.#top = 0;
+    if (this.#out.length > 0) this.#out = [];
+    return this;
+  }
+  /**
+   * An address for bytes [off, off+len) of `v` valid for one native call, or -1
+   * (use the U8Array path). copyIn: the callee reads them; copyOut: it writes them.
+   */
+  arg(v: ArrayBufferView, off: number, len: number, copyIn: boolean, copyOut = true): number {
+    if (off < 0 || len < 0 || off + len > v.byteLength) return -1;
+    if (len === 0) return this.#addr;
+    const known = pinnedAddress(v);
+    if (known >= 0) return known + off;
+    if (len > STAGE_MAX) {
+      const base = pin(v);
+      return base >= 0 ? base + off : -1;
+    }
+    const at = (this.#top + 7) & ~7;
+    if (at + len > ARENA_BYTES) return -1;
+    this.#top = at + len;
+    if (copyIn) this.#arena.set(new Uint8Array(v.buffer, v.byteOffset + off, len), at);
+    if (copyOut) this.#out.push({ v, off, len, at });
+    return this.#addr + at;
+  }
+  /**
+   * After the call: copy the callee's writes back, and clear what was staged (MAP
+   * records hold single-use tokens: no copy of them stays behind in the arena).
+   */
+  done(): void {
+    for (const o of this.#out) new Uint8Array(o.v.buffer, o.v.byteOffset + o.off, o.len).set(this.#arena.subarray(o.at, o.at + o.len));
+    if (this.#out.length > 0) this.#out = [];
+    if (this.#top > 0) this.#arena.fill(0, 0, this.#top);
+    this.#top = 0;
+  }
+}
+let stagerInstance: Stager | null = null;
+/** The (non-reentrant) stager, reset for one call. Only synchronous calls may use it. */
+function stager(): Stager {
+  if (stagerInstance === null) {
+    const a = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [0, ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0] }) as number;
+    if (a === -1) throw new SyscallError(12, 'mmap', { hint: 'could not map the 1 MiB scratch arena for native calls' });
+    stagerInstance = new Stager(a, view(a, ARENA_BYTES));
+  }
+  return stagerInstance.reset();
+}
+
+function pinnedAddress(v: ArrayBufferView): number {
+  const ab = v.buffer;
+  const p = pinned.get(ab);
+  return p !== undefined && p.len === ab.byteLength && p.len > 0 ? p.base + v.byteOffset : -1;
+}
+
+/**
+ * Records the address of `v`'s whole ArrayBuffer (one native call) so that later
+ * calls pass pointers into it as plain addresses. For buffers reused across
+ * many native calls. Returns the address of v's first byte, or -1 for an empty buffer.
+ */
+export function pin(v: ArrayBufferView): number {
+  const known = pinnedAddress(v);
+  if (known >= 0) return known;
+  const ab = v.buffer;
+  if (ab.byteLength === 0) return -1;
+  const whole = Buffer.from(ab, 0, ab.byteLength);
+  const base = load({ library: LIBC, funcName: 'memset', retType: U64, paramsType: [U8Array, I32, U64], paramsValue: [whole, 0, 0] }) as number;
+  pinned.set(ab, { base, len: ab.byteLength });
+  return base + v.byteOffset;
+}
+
 // ---- files ----
 /** open(2), always with O_CLOEXEC. Returns the fd. */
 export function open(path: string, flags: number, mode = 0): number {
@@ -99,6 +191,14 @@ export function ioctlRaw(fd: number, request: number, arg: Uint8Array | number |
     } else if (typeof arg === 'bigint') {
       v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, DataType.BigInt], paramsValue: [fd, request, arg] }) as number;
     } else {
+      const st = stager();
+      const p = st.arg(arg, 0, arg.byteLength, true);
+      if (p >= 0) {
+        v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, U64], paramsValue: [fd, request, p] }) as number;
+        const e = errnoView[0]!;
+        st.done();
+        return v < 0 ? -e : v;
+      }
       v = load({ library: LIBC, funcName: 'ioctl', retType: I32, paramsType: [I32, U64, U8Array], paramsValue: [fd, request, arg] }) as number;
     }
     return v < 0 ? -errnoView[0]! : v;
@@ -111,6 +211,11 @@ export function ioctlRaw(fd: number, request: number, arg: Uint8Array | number |
 // ---- memory ----
 /** mmap(2); returns the address. */
 export function mmap(addr: number, length: number, prot: number, flags: number, fd = -1, offset = 0): number {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [addr, length, prot, flags, fd, offset] }) as number;
+    if (v === -1) fail('mmap', errnoView[0]!);
+    return v;
+  }
   const r = load({ library: LIBC, funcName: 'mmap', retType: I64, paramsType: [U64, U64, I32, I32, I32, I64], paramsValue: [addr, length, prot, flags, fd, offset], errno: true }) as Errno<number>;
   if (r.value === -1) fail('mmap', r.errnoCode);
   return r.value;
@@ -127,12 +232,22 @@ export function mmapRaw(addr: number, length: number, prot: number, flags: numbe
 }
 
 export function munmap(addr: number, length: number): void {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'munmap', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length] }) as number;
+    if (v < 0) fail('munmap', errnoView[0]!);
+    return;
+  }
   const r = load({ library: LIBC, funcName: 'munmap', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
   if (r.value < 0) fail('munmap', r.errnoCode);
 }
 
 const MLOCK_HINT = 'raise RLIMIT_MEMLOCK (ulimit -l) or run with CAP_IPC_LOCK: kvmmem locks the pages it hands to the driver';
 export function mlock(addr: number, length: number): void {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'mlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length] }) as number;
+    if (v < 0) fail('mlock', errnoView[0]!, undefined, MLOCK_HINT);
+    return;
+  }
   const r = load({ library: LIBC, funcName: 'mlock', retType: I32, paramsType: [U64, U64], paramsValue: [addr, length], errno: true }) as Errno<number>;
   if (r.value < 0) fail('mlock', r.errnoCode, undefined, MLOCK_HINT);
 }
@@ -153,6 +268,11 @@ export function munlock(addr: number, length: number): void {
 }
 
 export function madvise(addr: number, length: number, advice: number): void {
+  if (errnoLive) {
+    const v = load({ library: LIBC, funcName: 'madvise', retType: I32, paramsType: [U64, U64, I32], paramsValue: [addr, length, advice] }) as number;
+    if (v < 0) fail('madvise', errnoView[0]!);
+    return;
+  }
   const r = load({ library: LIBC, funcName: 'madvise', retType: I32, paramsType: [U64, U64, I32], paramsValue: [addr, length, advice], errno: true }) as Errno<number>;
   if (r.value < 0) fail('madvise', r.errnoCode);
 }
@@ -163,6 +283,21 @@ export function madvise(addr: number, length: number, advice: number): void {
  * that to reproduce find_vma() failing.
  */
 export function mincore(addr: number, length: number, vec: Uint8Array): number {
+  if (errnoLive) {
+    const need = Math.ceil(length / pageSize());
+    const st = stager();
+    const p = need <= vec.byteLength ? st.arg(vec, 0, need, false) : -1;
+    if (p >= 0) {
+      const v = load({ library: LIBC, funcName: 'mincore', retType: I32, paramsType: [U64, U64, U64], paramsValue: [addr, length, p] }) as number;
+      if (v < 0) {
+        const e = errnoView[0]!;
+        if (e === 12) return -12;
+        fail('mincore', e);
+      }
+      st.done();
+      return 0;
+    }
+  }
   const r = load({ library: LIBC, funcName: 'mincore', retType: I32, paramsType: [U64, U64, U8Array], paramsValue: [addr, length, vec], errno: true }) as Errno<number>;
   if (r.value < 0) {
     if (r.errnoCode === 12) return -12;
@@ -191,6 +326,8 @@ export function view(addr: number, length: number): Buffer {
 
 /** The numeric address of a Buffer's bytes (zero-copy: memset(buf, 0, 0) returns buf). */
 export function addressOf(buf: Uint8Array): number {
+  const known = pinnedAddress(buf);
+  if (known >= 0) return known;
   return load({ library: LIBC, funcName: 'memset', retType: U64, paramsType: [U8Array, I32, U64], paramsValue: [buf, 0, 0] }) as number;
 }
 
@@ -238,6 +375,7 @@ export function errnoMode(): 'live-view' | 'ffi-rs' {
 // ---- the optional native batch helper (native/batch/kvmmem_batch.c) ----
 const BATCH = 'kvmmem_batch';
 let batchState: 'unknown' | 'loaded' | 'absent' = 'unknown';
+let batchAbi = 0;
 const debug = debuglog('kvmmem');
 
 /** Loads native/build/libkvmmem_batch.so once; false (and one debug line) when it is not built. */
@@ -251,9 +389,11 @@ export function batchAvailable(): boolean {
     } else {
       try {
         ffiOpen({ library: BATCH, path });
-        const v = load({ library: BATCH, funcName: 'kvmmem_batch_abi_version', retType: I32, paramsType: [], paramsValue: [] });
-        batchState = v === 1 ? 'loaded' : 'absent';
-        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1: ignored', path, v);
+        const v = load({ library: BATCH, funcName: 'kvmmem_batch_abi_version', retType: I32, paramsType: [], paramsValue: [] }) as number;
+        batchState = v === 1 || v === 2 ? 'loaded' : 'absent';
+        batchAbi = batchState === 'loaded' ? v : 0;
+        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1 or 2: ignored', path, v);
+        else if (v < 2) debug('native batch helper at %s is ABI 1 (no single remaps): rebuild it with `npm run build:native`', path);
       } catch (e) {
         batchState = 'absent';
         debug('native batch helper at %s failed to load (%s): using the per-call path', path, (e as Error).message);
@@ -267,28 +407,88 @@ const bytesOf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.by
 
 /** `count` ioctls with pointer arguments base + i*stride; per-record results. Needs batchAvailable(). */
 export function ioctlManyPtr(fd: number, request: number, base: Uint8Array, stride: number, count: number, results: Int32Array): number {
-  return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_ptr', retType: I32,
-    paramsType: [I32, U64, U8Array, U64, I32, U8Array],
-    paramsValue: [fd, request, base, stride, count, bytesOf(results)] }) as number;
+  const st = stager();
+  const pb = st.arg(base, 0, stride * count, true);
+  const pr = st.arg(results, 0, 4 * count, false);
+  if (pb < 0 || pr < 0) {
+    return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_ptr', retType: I32,
+      paramsType: [I32, U64, U8Array, U64, I32, U8Array],
+      paramsValue: [fd, request, bytesOf(base), stride, count, bytesOf(results)] }) as number;
+  }
+  const ok = load({ library: BATCH, funcName: 'kvmmem_ioctl_many_ptr', retType: I32,
+    paramsType: [I32, U64, U64, U64, I32, U64], paramsValue: [fd, request, pb, stride, count, pr] }) as number;
+  st.done();
+  return ok;
 }
 
 /** `count` ioctls with value arguments (little-endian u64s in `values`). Needs batchAvailable(). */
 export function ioctlManyVal(fd: number, request: number, values: Uint8Array, count: number, results: Int32Array): number {
-  return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_val', retType: I32,
-    paramsType: [I32, U64, U8Array, I32, U8Array],
-    paramsValue: [fd, request, values, count, bytesOf(results)] }) as number;
+  const st = stager();
+  const pv = st.arg(values, 0, 8 * count, true, false);
+  const pr = st.arg(results, 0, 4 * count, false);
+  if (pv < 0 || pr < 0) {
+    return load({ library: BATCH, funcName: 'kvmmem_ioctl_many_val', retType: I32,
+      paramsType: [I32, U64, U8Array, I32, U8Array],
+      paramsValue: [fd, request, bytesOf(values), count, bytesOf(results)] }) as number;
+  }
+  const ok = load({ library: BATCH, funcName: 'kvmmem_ioctl_many_val', retType: I32,
+    paramsType: [I32, U64, U64, I32, U64], paramsValue: [fd, request, pv, count, pr] }) as number;
+  st.done();
+  return ok;
 }
 
-export const REMAP_SHARED = 0, REMAP_FRESH = 1;
+export const REMAP_SHARED = 0, REMAP_FRESH = 1, REMAP_SHARED_RO = 2;
 /**
  * Many page remaps in one native call (kind REMAP_SHARED: the file's pages at
- * offs[i] put at addrs[i] with MAP_SHARED|MAP_FIXED; REMAP_FRESH: fresh private
- * zero pages), each re-locked. Needs batchAvailable().
+ * offs[i] put at addrs[i] with MAP_SHARED|MAP_FIXED; REMAP_SHARED_RO: the same,
+ * read-only (ABI 2); REMAP_FRESH: fresh private zero pages), each re-locked.
+ * Needs batchAvailable().
  */
 export function remapMany(kind: number, addrs: BigUint64Array, lens: BigUint64Array, fd: number, offs: BigInt64Array, count: number, results: Int32Array): number {
-  return load({ library: BATCH, funcName: 'kvmmem_remap_many', retType: I32,
-    paramsType: [I32, U8Array, U8Array, I32, U8Array, I32, U8Array],
-    paramsValue: [kind, bytesOf(addrs), bytesOf(lens), fd, bytesOf(offs), count, bytesOf(results)] }) as number;
+  if (kind === REMAP_SHARED_RO && batchAbi < 2) {
+    let ok = 0;
+    for (let i = 0; i < count; i++) {
+      const a = Number(addrs[i]), l = Number(lens[i]);
+      const r = mmapRaw(a, l, PROT_READ, MAP_SHARED | MAP_FIXED, fd, Number(offs[i]));
+      results[i] = r < 0 ? r : mlockRaw(a, l);
+      if (results[i] === 0) ok++;
+    }
+    return ok;
+  }
+  const st = stager();
+  const pa = st.arg(addrs, 0, 8 * count, true, false);
+  const pl = st.arg(lens, 0, 8 * count, true, false);
+  const po = st.arg(offs, 0, 8 * count, true, false);
+  const pr = st.arg(results, 0, 4 * count, false);
+  if (pa < 0 || pl < 0 || po < 0 || pr < 0) {
+    return load({ library: BATCH, funcName: 'kvmmem_remap_many', retType: I32,
+      paramsType: [I32, U8Array, U8Array, I32, U8Array, I32, U8Array],
+      paramsValue: [kind, bytesOf(addrs), bytesOf(lens), fd, bytesOf(offs), count, bytesOf(results)] }) as number;
+  }
+  const ok = load({ library: BATCH, funcName: 'kvmmem_remap_many', retType: I32,
+    paramsType: [I32, U64, U64, I32, U64, I32, U64], paramsValue: [kind, pa, pl, fd, po, count, pr] }) as number;
+  st.done();
+  return ok;
+}
+
+/** Whether remapOne() is one native call (batch helper ABI 2) rather than mmap + mlock. */
+export function remapOneNative(): boolean {
+  return batchAvailable() && batchAbi >= 2;
+}
+
+/**
+ * One remap, re-locked (kinds as remapMany): 0 or -errno. One native call with
+ * the batch helper (ABI 2), else mmap + mlock through libc.
+ */
+export function remapOne(kind: number, addr: number, length: number, fd: number, offset: number): number {
+  if (batchAbi >= 2 || remapOneNative()) {
+    return load({ library: BATCH, funcName: 'kvmmem_remap_one', retType: I32,
+      paramsType: [I32, U64, U64, I32, I64], paramsValue: [kind, addr, length, fd, offset] }) as number;
+  }
+  const r = kind === REMAP_FRESH
+    ? mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+    : mmapRaw(addr, length, kind === REMAP_SHARED_RO ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
+  return r < 0 ? r : mlockRaw(addr, length);
 }
 
 // ---- sockets (vsock transport) ----

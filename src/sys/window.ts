@@ -71,17 +71,15 @@ export function prefault(address: number, length: number): void {
   }
 }
 
-/** Put a fresh, zeroed, locked private page (or run of pages) at address. Returns 0 or -errno. */
+/**
+ * Put a fresh, zeroed, locked private page (or run of pages) at address. Returns 0 or -errno.
+ * One native call with the batch helper (mmap + mlock in C), else mmap then mlock.
+ */
 export function remapFresh(address: number, length: number): number {
-  const r = libc.mmapRaw(address, length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_FIXED, -1, 0);
-  if (r < 0) return r;
-  return libc.mlockRaw(address, length);
+  return libc.remapOne(libc.REMAP_FRESH, address, length, -1, 0);
 }
 
 /** Put `length` bytes of fd at `offset` at address (MAP_SHARED|MAP_FIXED), locked. Returns 0 or -errno. */
 export function remapShared(address: number, length: number, fd: number, offset: number, writable = true): number {
-  const prot = writable ? libc.PROT_READ | libc.PROT_WRITE : libc.PROT_READ;
-  const r = libc.mmapRaw(address, length, prot, libc.MAP_SHARED | libc.MAP_FIXED, fd, offset);
-  if (r < 0) return r;
-  return libc.mlockRaw(address, length);
+  return libc.remapOne(writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, address, length, fd, offset);
 }
