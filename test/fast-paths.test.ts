@@ -108,7 +108,7 @@ test('mincore through the staged vector reports each page, and ENOMEM for a hole
   }
 });
 
-test('single remaps (one native call) alias the file read-write or read-only, lock, and give fresh pages back', (t) => {
+test('single remaps (one native call) alias the file read-write (locked) or a read-only image (private, live), and give fresh pages back', (t) => {
   const fd = libc.memfdCreate('kvmmem-fast-paths');
   libc.ftruncate(fd, 2 * PS);
   const file = Window.alloc(PS); // scratch to write the file through a shared mapping
@@ -126,8 +126,12 @@ test('single remaps (one native call) alias the file read-write or read-only, lo
     t.is(vmaOf(w.address).perms.slice(0, 2), 'rw');
     t.is(remapShared(w.address + PS, PS, fd, 0, false), 0);
     t.is(w.buffer!.toString('latin1', PS, PS + 9), 'page zero');
-    t.is(vmaOf(w.address + PS).perms.slice(0, 2), 'r-', 'read-only image mapping');
-    t.true(vmaOf(w.address + PS).locked);
+    // a read-only image: a private copy-on-write mapping, live for reads, a write stays local
+    t.is(vmaOf(w.address + PS).perms.slice(0, 4), 'rw-p', 'read-only image mapping is private');
+    fv.write('PAGE ZERO', 0, 'latin1');
+    t.is(w.buffer!.toString('latin1', PS, PS + 9), 'PAGE ZERO', 'live until written locally');
+    w.buffer!.write('local', PS + 100, 'latin1');
+    t.is(fv.toString('latin1', 100, 105), '\0'.repeat(5), 'the write never reaches the file');
     t.is(remapFresh(w.address, 2 * PS), 0);
     t.true(w.buffer!.every((b) => b === 0));
     t.true(vmaOf(w.address).locked);
@@ -137,7 +141,7 @@ test('single remaps (one native call) alias the file read-write or read-only, lo
     const res = new Int32Array(1);
     t.is(libc.remapMany(libc.REMAP_SHARED_RO, BigUint64Array.of(BigInt(w.address)), BigUint64Array.of(BigInt(PS)), fd, BigInt64Array.of(BigInt(PS)), 1, res), 1);
     t.is(res[0], 0);
-    t.is(vmaOf(w.address).perms.slice(0, 2), 'r-');
+    t.is(vmaOf(w.address).perms.slice(0, 4), 'rw-p');
     t.is(w.buffer!.toString('latin1', 0, 4), 'PAGE');
     t.is(remapFresh(w.address, PS), 0);
     libc.munmap(m, 2 * PS);

@@ -395,7 +395,7 @@ test('aliasing both ways with another process writing the VM memory file; UNMAP 
   t.true(vmaLocked(w.address), 'the fresh page is mlocked again');
 });
 
-test('two introspector pages over one gpa alias each other; a mapped page of a read-only image is live for reads', async (t) => {
+test('two introspector pages over one gpa alias each other; a read-only image is live for reads and safe to write', async (t) => {
   const { host, vm, win, dev, hook } = await fixture(t);
   const w = win(2);
   dev.ioctl(KVM_INTRO_MEM_MAP, rec(vm.getMapToken(), 7n * 4096n, w.address));
@@ -418,6 +418,10 @@ test('two introspector pages over one gpa alias each other; a mapped page of a r
   fs.writeSync(fd, Buffer.from('live'), 0, 4, 4096);
   fs.closeSync(fd);
   t.is(w2.buffer!.toString('latin1', 0, 4), 'live');
+  // A write through a read-only image's page never faults: it lands in a private copy.
+  w2.buffer!.write('tool', 8, 'latin1');
+  t.is(w2.buffer!.toString('latin1', 8, 12), 'tool');
+  t.is(fs.readFileSync(file).toString('latin1', 4096 + 8, 4096 + 12), 'aaaa', 'the image is untouched');
 });
 
 test('tokens are bound to their VM: a token of VM A maps A\'s memory whatever the gpa says', async (t) => {

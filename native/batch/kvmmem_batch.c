@@ -13,7 +13,7 @@
 
 /*
  * ABI 1: kvmmem_ioctl_many_ptr/_val, kvmmem_remap_many (kinds 0 and 1).
- * ABI 2: + kvmmem_remap_one, + remap kind 2 (shared, read-only).
+ * ABI 2: + kvmmem_remap_one, + remap kind 2 (a read-only image: private copy-on-write, populated).
  */
 int kvmmem_batch_abi_version(void) { return 2; }
 
@@ -43,16 +43,29 @@ int32_t kvmmem_ioctl_many_val(int fd, unsigned long req, const uint64_t *vals,
 	return ok;
 }
 
-/* One remap: kind 0 shared read-write, 2 shared read-only (file at off); 1 fresh private zero page(s). */
+/*
+ * One remap: kind 0 shared read-write (file at off), 1 fresh private zero
+ * page(s), 2 a read-only memory image (file at off) as a copy-on-write private
+ * mapping: reads see the file live, a write stays local to this process and
+ * never reaches the image -- and never faults, as a PROT_READ page would.
+ * Kind 2 is populated, not locked: mlock of a writable private mapping would
+ * copy every page at once and end the liveness.
+ */
 static int remap(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off)
 {
 	void *want = (void *)(uintptr_t)addr;
 	void *p;
 	if (kind == 1)
 		p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+	else if (kind == 2)
+		p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, off);
 	else
-		p = mmap(want, len, kind == 2 ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, off);
+		p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, off);
 	if (p == MAP_FAILED) return -errno;
+	if (kind == 2) {
+		madvise(p, len, 22 /* MADV_POPULATE_READ, Linux 5.14+; best effort */);
+		return 0;
+	}
 	/* A page put in with MAP_FIXED is not locked even if the range was: lock again. */
 	if (mlock(p, len) < 0) return -errno;
 	return 0;
@@ -61,7 +74,7 @@ static int remap(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off
 /*
  * The model host's page remaps. kind 0: put the target VM's memory (fd, off)
  * at addr (MAP_SHARED|MAP_FIXED); kind 1: give addr a fresh zeroed private page;
- * kind 2: as 0, read-only (a read-only memory image).
+ * kind 2: a read-only memory image (see remap()).
  * Runs of records are independent; each gets 0 or -errno.
  */
 int32_t kvmmem_remap_many(uint32_t kind, const uint64_t *addrs, const uint64_t *lens,

@@ -440,17 +440,16 @@ export function ioctlManyVal(fd: number, request: number, values: Uint8Array, co
 export const REMAP_SHARED = 0, REMAP_FRESH = 1, REMAP_SHARED_RO = 2;
 /**
  * Many page remaps in one native call (kind REMAP_SHARED: the file's pages at
- * offs[i] put at addrs[i] with MAP_SHARED|MAP_FIXED; REMAP_SHARED_RO: the same,
- * read-only (ABI 2); REMAP_FRESH: fresh private zero pages), each re-locked.
+ * offs[i] put at addrs[i] with MAP_SHARED|MAP_FIXED, re-locked; REMAP_SHARED_RO: a
+ * read-only image, see remapReadOnlyImage (ABI 2); REMAP_FRESH: fresh private zero
+ * pages, re-locked).
  * Needs batchAvailable().
  */
 export function remapMany(kind: number, addrs: BigUint64Array, lens: BigUint64Array, fd: number, offs: BigInt64Array, count: number, results: Int32Array): number {
   if (kind === REMAP_SHARED_RO && batchAbi < 2) {
     let ok = 0;
     for (let i = 0; i < count; i++) {
-      const a = Number(addrs[i]), l = Number(lens[i]);
-      const r = mmapRaw(a, l, PROT_READ, MAP_SHARED | MAP_FIXED, fd, Number(offs[i]));
-      results[i] = r < 0 ? r : mlockRaw(a, l);
+      results[i] = remapReadOnlyImage(Number(addrs[i]), Number(lens[i]), fd, Number(offs[i]));
       if (results[i] === 0) ok++;
     }
     return ok;
@@ -485,10 +484,24 @@ export function remapOne(kind: number, addr: number, length: number, fd: number,
     return load({ library: BATCH, funcName: 'kvmmem_remap_one', retType: I32,
       paramsType: [I32, U64, U64, I32, I64], paramsValue: [kind, addr, length, fd, offset] }) as number;
   }
+  if (kind === REMAP_SHARED_RO) return remapReadOnlyImage(addr, length, fd, offset);
   const r = kind === REMAP_FRESH
     ? mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
-    : mmapRaw(addr, length, kind === REMAP_SHARED_RO ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
+    : mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
   return r < 0 ? r : mlockRaw(addr, length);
+}
+
+/**
+ * A read-only memory image goes in as a copy-on-write private mapping: reads see
+ * the file live, a write stays local and never reaches the image -- and never
+ * faults the process, as a PROT_READ page would. Populated, not locked: mlock of
+ * a writable private mapping copies every page at once and ends the liveness.
+ */
+function remapReadOnlyImage(addr: number, length: number, fd: number, offset: number): number {
+  const r = mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, offset);
+  if (r < 0) return r;
+  load({ library: LIBC, funcName: 'madvise', retType: I32, paramsType: [U64, U64, I32], paramsValue: [addr, length, MADV_POPULATE_READ] });
+  return 0;
 }
 
 // ---- sockets (vsock transport) ----
