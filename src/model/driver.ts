@@ -24,14 +24,15 @@ import { debuglog } from 'node:util';
 import * as libc from '../sys/libc.js';
 import { ERRNO } from '../abi/errno.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, decodeIoctl, IOC_WRITE } from '../abi/ioctl.js';
-import { PAGE_SIZE, decodeMemMap, type MemMap } from '../abi/structs.js';
+import { MEM_MAP_SIZE, PAGE_SIZE, decodeMemMap, type MemMap } from '../abi/structs.js';
 import { DeviceError } from '../errors.js';
 import type { IoctlArg } from '../device/device.js';
 import type { ModelHost } from './host.js';
-import { access_ok, copy_from_user, pageOf, pageState, pageStates, type PageState } from './uaccess.js';
+import { USER_LIMIT, access_ok, copy_from_user, pageOf, pageState, pageStates, type PageState } from './uaccess.js';
 
 const debug = debuglog('kvmmem');
 const { EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
+const MAX_SAFE_N = 9007199254740991n;
 const hex = (v: bigint | number) => '0x' + v.toString(16).padStart(16, '0');
 
 /** C: IS_ERR_VALUE(x) — a negative errno. */
@@ -80,15 +81,19 @@ export interface PageMap {
 }
 
 class PageMapEntry implements PageMap {
-  gpa: bigint;
-  vaddr: bigint;
-  paddr = 0n; // C: kmalloc() does not zero it; the model uses 0.
+  /** The gpa as passed: a number when exact (< 2^53), else the bigint. */
+  g: number | bigint;
   /** Number(vaddr): entries only exist for vaddrs below the user limit (< 2^47). */
-  key = 0;
-  constructor(gpa: bigint, vaddr: bigint) {
-    this.gpa = gpa;
-    this.vaddr = vaddr;
+  key: number;
+  /** The page's address (paddr); 0 for the quirk, where C leaves kmalloc garbage. */
+  page = 0;
+  constructor(gpa: number | bigint, vaddr: number) {
+    this.g = gpa;
+    this.key = vaddr;
   }
+  get gpa(): bigint { return BigInt(this.g); }
+  get vaddr(): bigint { return BigInt(this.key); }
+  get paddr(): bigint { return BigInt(this.page); }
 }
 
 /** struct mutex, as far as one JS thread can use it. */
@@ -113,7 +118,8 @@ export class FileMap {
   /** C: fmp->active: 1 while open, 0 from release on (teardown). */
   active = 1;
   readonly #list = new Set<PageMapEntry>();
-  readonly #byVaddr = new Map<number, PageMapEntry[]>();
+  /** vaddr -> its entry, or its entries in list order when there are several. */
+  readonly #byVaddr = new Map<number, PageMapEntry | PageMapEntry[]>();
 
   /** @internal use KvmiMemDriver.kvm_dev_open() */
   constructor(file: unknown) {
@@ -133,7 +139,8 @@ export class FileMap {
   _list_add_tail(pmp: PageMapEntry): void {
     this.#list.add(pmp);
     const same = this.#byVaddr.get(pmp.key);
-    if (same === undefined) this.#byVaddr.set(pmp.key, [pmp]);
+    if (same === undefined) this.#byVaddr.set(pmp.key, pmp);
+    else if (same instanceof PageMapEntry) this.#byVaddr.set(pmp.key, [same, pmp]);
     else same.push(pmp);
   }
 
@@ -141,8 +148,12 @@ export class FileMap {
   _list_del(pmp: PageMapEntry): void {
     if (!this.#list.delete(pmp)) return;
     const same = this.#byVaddr.get(pmp.key)!;
-    if (same.length === 1) this.#byVaddr.delete(pmp.key);
-    else same.splice(same.indexOf(pmp), 1);
+    if (same === pmp) this.#byVaddr.delete(pmp.key);
+    else {
+      const arr = same as PageMapEntry[];
+      arr.splice(arr.indexOf(pmp), 1);
+      if (arr.length === 1) this.#byVaddr.set(pmp.key, arr[0]!);
+    }
   }
 
   /**
@@ -151,7 +162,13 @@ export class FileMap {
    */
   _find(vaddr: bigint): PageMapEntry | undefined {
     if (vaddr >= 0x20000000000000n) return undefined; // no entry has such a vaddr
-    return this.#byVaddr.get(Number(vaddr))?.[0];
+    return this._findN(Number(vaddr));
+  }
+
+  /** @internal _find() of an exact number vaddr (< 2^53). */
+  _findN(vaddr: number): PageMapEntry | undefined {
+    const same = this.#byVaddr.get(vaddr);
+    return same === undefined || same instanceof PageMapEntry ? same : same[0];
   }
 
   /** @internal list order, for release. */
@@ -266,8 +283,7 @@ export class KvmiMemDriver {
     // C: if (!access_ok(VERIFY_WRITE, map->gva, PAGE_SIZE)) return -EINVAL;  (same range check on x86)
     if (!access_ok(map.gva, PAGE_SIZE)) return -EINVAL;
     // C: pmp = kmalloc(sizeof(struct page_map), GFP_KERNEL); pmp->gpa = map->gpa; pmp->vaddr = map->gva;
-    const pmp = new PageMapEntry(map.gpa, map.gva);
-    pmp.key = Number(map.gva);
+    const pmp = new PageMapEntry(map.gpa <= MAX_SAFE_N ? Number(map.gpa) : map.gpa, Number(map.gva));
     let result: number;
     // C: mutex_lock(&fmp->lock);
     fmp.lock.lock();
@@ -282,7 +298,7 @@ export class KvmiMemDriver {
       if (IS_ERR_VALUE(result)) return result;
       // C: list_add_tail(&pmp->map_list, &fmp->map_list);
       fmp._list_add_tail(pmp);
-      if (pmp.paddr !== 0n) this.#lastMapped = pmp;
+      if (pmp.page !== 0) this.#lastMapped = pmp;
       // C: result = 0; goto out_finalize;
       return 0;
     } finally {
@@ -313,26 +329,25 @@ export class KvmiMemDriver {
     }
     // C: WARN(is_zero_pfn(page_to_pfn(page)), "zero-page still mapped");  (not visible from userspace)
     // C: paddr = page_to_phys(page); pmap->paddr = paddr;
-    const paddr = BigInt(page);
-    pmap.paddr = paddr;
+    pmap.page = page;
     // C: result = kvmi_arch_map_hc(&map_req->token, map_req->gpa, paddr);  = kvm_hypercall3(KVM_HC_MEM_MAP, ...)
-    const result = this.host._mapHc(map_req.token, map_req.gpa, paddr, true);
+    const result = this.host._mapHc(map_req.token, map_req.gpa, BigInt(page), true);
     if (IS_ERR_VALUE(result)) debug('kvmi: HC failed with result %d', result);
     // C: out: up_read(&current->mm->mmap_sem); return result;
     return result;
   }
 
   // C: static long _do_unmapping(unsigned long paddr)
-  #_do_unmapping(paddr: bigint): number {
+  #_do_unmapping(paddr: number): number {
     // C: result = kvmi_arch_unmap_hc(paddr);  = kvm_hypercall1(KVM_HC_MEM_UNMAP, map_gpa)
-    const result = this.host._unmapHc(paddr);
+    const result = this.host._unmapPage(paddr);
     // C: if (IS_ERR_VALUE(result)) pr_warn("kvmi: HC failed with result %ld\n", result);
     if (IS_ERR_VALUE(result)) debug('kvmi: unmap HC failed with result %d', result);
     return result;
   }
 
   // C: static long kvm_dev_ioctl_unmap(struct file_map *fmp, unsigned long vaddr)
-  #kvm_dev_ioctl_unmap(fmp: FileMap, vaddr: bigint): number {
+  #kvm_dev_ioctl_unmap(fmp: FileMap, vaddr: bigint | number): number {
     // C: mutex_lock(&fmp->lock);
     fmp.lock.lock();
     // C: if (!fmp->active) { mutex_unlock(&fmp->lock); pr_warn(...); return -ENODEV; }
@@ -342,7 +357,7 @@ export class KvmiMemDriver {
       return -ENODEV;
     }
     // C: list_for_each(cur, &fmp->map_list) { ...; if (pmp->vaddr == vaddr) { found = true; break; } }
-    const pmp = fmp._find(vaddr);
+    const pmp = typeof vaddr === 'number' ? fmp._findN(vaddr) : fmp._find(vaddr);
     // C: if (!found) { mutex_unlock(&fmp->lock); pr_err("kvmi: address %016lx not mapped\n", vaddr); return -ENOENT; }
     if (pmp === undefined) {
       fmp.lock.unlock();
@@ -353,7 +368,7 @@ export class KvmiMemDriver {
     fmp._list_del(pmp);
     fmp.lock.unlock();
     // C: _do_unmapping(pmp->paddr);  /* unmap & ignore result */
-    this.#_do_unmapping(pmp.paddr);
+    this.#_do_unmapping(pmp.page);
     // C: kfree(pmp); return 0;
     return 0;
   }
@@ -370,7 +385,7 @@ export class KvmiMemDriver {
     const outer = this.#defer();
     try {
       // C: list_for_each_safe(cur, next, &fmp->map_list) { _do_unmapping(pmp->paddr); list_del(&pmp->map_list); kfree(pmp); }
-      for (const pmp of fmp._entries()) this.#_do_unmapping(pmp.paddr);
+      for (const pmp of fmp._entries()) this.#_do_unmapping(pmp.page);
       fmp._clear();
     } finally {
       if (outer) this.host._endDeferral();
@@ -412,10 +427,16 @@ export class KvmiMemDriver {
     let failures = new Map<number, number>();
     if (isMap && outer) this.#states = prefetchStates(args, stride, count);
     try {
-      for (let i = 0; i < count; i++) {
-        this.#lastMapped = null;
-        results[i] = this.kvm_dev_ioctl(fmp, req, argOf(i));
-        if (isMap && results[i] === 0) created[i] = this.#lastMapped;
+      if (isMap) {
+        for (let i = 0; i < count; i++) {
+          this.#lastMapped = null;
+          const off = i * stride;
+          // Records cut short by the end of the buffer: copy_from_user fails (-EFAULT).
+          results[i] = off + MEM_MAP_SIZE <= args.length ? this.#mapRecord(fmp, args, dv, off) : -EFAULT;
+          if (results[i] === 0) created[i] = this.#lastMapped;
+        }
+      } else {
+        for (let i = 0; i < count; i++) results[i] = this.#unmapValue(fmp, dv, i * 8);
       }
     } finally {
       this.#lastMapped = null;
@@ -426,7 +447,7 @@ export class KvmiMemDriver {
       for (let i = 0; i < count; i++) {
         const pmp = created[i];
         if (pmp == null) continue;
-        const err = failures.get(Number(pmp.paddr));
+        const err = failures.get(pmp.page);
         if (err === undefined) continue;
         // The host rolled its side back; the driver frees the entry, as its error path would have.
         fmp._list_del(pmp);
@@ -436,6 +457,58 @@ export class KvmiMemDriver {
     let ok = 0;
     for (let i = 0; i < count; i++) if (results[i]! >= 0) ok++;
     return ok;
+  }
+
+  /**
+   * kvm_dev_ioctl(MAP) of the 48-byte record at `off` of `args`, read in place:
+   * the same checks in the same order as #kvm_dev_ioctl_map + #_do_mapping,
+   * with the gva as a number (access_ok bounds it below 2^47) and the token
+   * looked up where it lies.
+   */
+  #mapRecord(fmp: FileMap, args: Uint8Array, dv: DataView, off: number): number {
+    const gvaHi = dv.getUint32(off + 44, true);
+    // C: access_ok(VERIFY_READ/VERIFY_WRITE, map->gva, PAGE_SIZE) (twice, same check)
+    if (gvaHi >= 0x8000) return -EINVAL;
+    const gva = gvaHi * 0x100000000 + dv.getUint32(off + 40, true);
+    if (gva + PAGE_SIZE > USER_LIMIT) return -EINVAL;
+    const gpaHi = dv.getUint32(off + 36, true);
+    const gpa = gpaHi < 0x200000 ? gpaHi * 0x100000000 + dv.getUint32(off + 32, true) : dv.getBigUint64(off + 32, true);
+    const pmp = new PageMapEntry(gpa, gva);
+    fmp.lock.lock();
+    try {
+      if (!fmp.active) {
+        debug('kvmi: unable to map, file is being closed');
+        return -ENODEV;
+      }
+      // _do_mapping(): access_ok again (passed above), find_vma/follow_page.
+      const page = pageOf(gva);
+      const state = this.#states?.get(page) ?? pageState(page);
+      if (state === 'present') {
+        pmp.page = page;
+        const result = this.host._mapHcAt(args, off, gpa, page);
+        if (IS_ERR_VALUE(result)) {
+          debug('kvmi: HC failed with result %d', result);
+          return result;
+        }
+        fmp._list_add_tail(pmp);
+        this.#lastMapped = pmp;
+        return IS_ERR_VALUE(result) ? result : 0;
+      }
+      debug(state === 'unmapped'
+        ? 'kvmi: find_vma() failed with result 0 (no mapping at the gva): entry kept without a hypercall'
+        : 'kvmi: follow_page() failed with result 0 (page not present): entry kept without a hypercall');
+      fmp._list_add_tail(pmp);
+      return 0;
+    } finally {
+      fmp.lock.unlock();
+    }
+  }
+
+  /** kvm_dev_ioctl(UNMAP) of the u64 at `off`: #kvm_dev_ioctl_unmap with a number vaddr when it is exact. */
+  #unmapValue(fmp: FileMap, dv: DataView, off: number): number {
+    const hi = dv.getUint32(off + 4, true);
+    const r = this.#kvm_dev_ioctl_unmap(fmp, hi < 0x200000 ? hi * 0x100000000 + dv.getUint32(off, true) : dv.getBigUint64(off, true));
+    return IS_ERR_VALUE(r) ? r : 0;
   }
 
   /**

@@ -49,6 +49,7 @@ import * as deviceManager from './device-manager.js';
 
 const debug = debuglog('kvmmem');
 const PS = PAGE_SIZE;
+const MAX_SAFE = 9007199254740991n;
 const { EAGAIN, EALREADY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EAGAIN' | 'EALREADY' | 'EEXIST' | 'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
 
 export interface ModelHostOptions {
@@ -125,10 +126,8 @@ export interface HookArgs {
 interface MapRec {
   page: number;
   vm: ModelVm;
-  gpa: bigint;
-  fd: number;
-  offset: number;
-  writable: boolean;
+  /** Target gpa page: a number when exact (< 2^53), else the bigint. */
+  gpa: number | bigint;
 }
 
 type PendingOp =
@@ -272,17 +271,45 @@ export class ModelHost {
     const page = pageOf(Number(mapGpa));
     if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
     if (!pageChecked && pageState(page) === 'unmapped') return -KVM_EFAULT;
+    return this.#book(vm, gpaPage <= MAX_SAFE ? Number(gpaPage) : gpaPage, where, page);
+  }
+
+  /**
+   * @internal _mapHc() for the driver's batch path: the token is the 32 bytes
+   * at `off` of `buf` (looked up in place), `page` the introspector page the
+   * driver has just seen present (below the user limit).
+   */
+  _mapHcAt(buf: Uint8Array, off: number, gpa: number | bigint, page: number): number {
+    if (this.#closed) return -KVM_ENOSYS;
+    this.#counters.mapHypercalls++;
+    const vm = this._tokens.consumeAt(buf, off);
+    if (vm === undefined) return -KVM_ENOENT;
+    if (!vm.hooked || vm.removed) return -KVM_ENOENT;
+    let gpaPage: number | bigint, where;
+    if (typeof gpa === 'number') {
+      gpaPage = gpa - (gpa % PS);
+      where = vm.memory.resolve(BigInt(gpaPage), PS);
+    } else {
+      const p = gpa - (gpa % BigInt(PS));
+      gpaPage = p <= MAX_SAFE ? Number(p) : p;
+      where = vm.memory.resolve(p, PS);
+    }
+    if (where === null) return -KVM_EFAULT;
+    if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
+    return this.#book(vm, gpaPage, where, page);
+  }
+
+  #book(vm: ModelVm, gpaPage: number | bigint, where: { fd: number; offset: number; writable: boolean }, page: number): number {
     // v6 remote mapping: the same introspector page mapped twice.
     if (this.#maps.has(page)) return -EALREADY;
-    const rec: MapRec = { page, vm, gpa: gpaPage, fd: where.fd, offset: where.offset, writable: where.writable };
+    const rec: MapRec = { page, vm, gpa: gpaPage };
     this.#maps.set(page, rec);
     vm._pages.add(page);
-    const op: PendingOp = { kind: 'shared', fd: rec.fd, offset: rec.offset, writable: rec.writable };
     if (this.#pending !== null) {
-      this.#pending.set(page, op);
+      this.#pending.set(page, { kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable });
       return 0;
     }
-    const r = this.#remapRun(op, page, 1);
+    const r = this.#remapRun({ kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable }, page, 1);
     if (r < 0) {
       this.#dropMapping(rec);
       this.#freshOrLog(page, 1);
@@ -296,7 +323,17 @@ export class ModelHost {
     if (this.#closed) return -KVM_ENOSYS;
     this.#counters.unmapHypercalls++;
     if (mapGpa >= BigInt(USER_LIMIT)) return -KVM_ENOENT;
-    const page = pageOf(Number(mapGpa));
+    return this.#unmapPage(pageOf(Number(mapGpa)));
+  }
+
+  /** @internal _unmapHc() of an introspector page address (a number below the user limit). */
+  _unmapPage(page: number): number {
+    if (this.#closed) return -KVM_ENOSYS;
+    this.#counters.unmapHypercalls++;
+    return this.#unmapPage(page);
+  }
+
+  #unmapPage(page: number): number {
     const rec = this.#maps.get(page);
     if (rec === undefined) return -KVM_ENOENT;
     this.#dropMapping(rec);
@@ -352,14 +389,14 @@ export class ModelHost {
     this.#pending = null;
     const failures = new Map<number, number>();
     if (pending === null || pending.size === 0) return failures;
-    const shared = new Map<string, { fd: number; writable: boolean; items: [number, number][] }>();
+    const shared = new Map<number, { fd: number; writable: boolean; items: [number, number][] }>();
     const fresh: number[] = [];
     for (const [page, op] of pending) {
       if (op.kind === 'fresh') {
         fresh.push(page);
         continue;
       }
-      const key = `${op.fd}:${op.writable ? 'w' : 'r'}`;
+      const key = op.fd * 2 + (op.writable ? 1 : 0);
       let g = shared.get(key);
       if (g === undefined) shared.set(key, g = { fd: op.fd, writable: op.writable, items: [] });
       g.items.push([page, op.offset]);
@@ -431,14 +468,14 @@ export class ModelHost {
 
   /** The host's {introspector page, VM, gpa} list. */
   mappings(): HostMapping[] {
-    return [...this.#maps.values()].map((r) => ({ introspectorPage: BigInt(r.page), vm: r.vm, gpa: r.gpa }));
+    return [...this.#maps.values()].map((r) => ({ introspectorPage: BigInt(r.page), vm: r.vm, gpa: BigInt(r.gpa) }));
   }
 
   /** The mapping at an introspector page, if any. */
   mappingAt(introspectorPage: bigint): HostMapping | undefined {
     if (introspectorPage < 0n || introspectorPage >= BigInt(USER_LIMIT)) return undefined;
     const r = this.#maps.get(pageOf(Number(introspectorPage)));
-    return r && { introspectorPage: BigInt(r.page), vm: r.vm, gpa: r.gpa };
+    return r && { introspectorPage: BigInt(r.page), vm: r.vm, gpa: BigInt(r.gpa) };
   }
 
   /** @internal Revokes every page mapped from `vm` (each gets a fresh page). */
@@ -652,6 +689,7 @@ export class ModelVm {
       protocol: this.host.protocol,
       label: this.label,
       issueToken: () => (this.#hooked && !this._removed ? this.host._tokens.issue(this) : null),
+      issueTokenInto: (out, offset) => this.#hooked && !this._removed && this.host._tokens.issueInto(this, out, offset),
       onDisconnect: (c) => {
         debug('%s: KVMI connection closed%s', this.label, c.errored ? ' after a socket error' : '');
       },

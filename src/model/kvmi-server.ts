@@ -11,7 +11,7 @@
 import type * as net from 'node:net';
 import { debuglog } from 'node:util';
 import {
-  CONTROL_VM_EVENTS_SIZE, EVENT_REPLY_SIZE, FrameReader, KVMI_EVENT_UNHOOK, KVMI_IDS, KVMI_VERSION,
+  CONTROL_VM_EVENTS_SIZE, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, FrameReader, MAP_TOKEN_REPLY_SIZE, MSG_HDR_SIZE, KVMI_EVENT_UNHOOK, KVMI_IDS, KVMI_VERSION,
   decodeControlVmEvents, decodeEventReply, encodeErrorCode, encodeEvent, encodeGetVersionReply,
   encodeMapTokenReply, encodeMessage, kvmiMessageName, type KvmiFrame, type KvmiProtocol,
 } from '../abi/kvmi.js';
@@ -30,6 +30,8 @@ export interface KvmiConnectionOwner {
   readonly label: string;
   /** KVMI_GET_MAP_TOKEN: a token, or null for -KVM_EAGAIN (too many outstanding). */
   issueToken(): Uint8Array | null;
+  /** issueToken() writing the 32 bytes into `out` at `offset` (no copy); false for -KVM_EAGAIN. */
+  issueTokenInto?(out: Uint8Array, offset: number): boolean;
   /** The socket is gone (tool closed it, error, or shutdown()). */
   onDisconnect(conn: KvmiConnection): void;
 }
@@ -45,6 +47,10 @@ export class KvmiConnection {
   #closed = false;
   #eventSeq = 0;
   #waiters: ((ack: UnhookAck) => void)[] = [];
+  /** Replies produced while handling one incoming chunk, written at once at its end. */
+  #out: Buffer | null = null;
+  #outLen = 0;
+  #batching = false;
   /** Counters for diagnostics and tests. */
   readonly counts = { commands: 0, replies: 0, events: 0, framingErrors: 0 };
 
@@ -97,6 +103,9 @@ export class KvmiConnection {
 
   /** kvmi_sock_shutdown + put: the tool sees EOF, the fd is released. */
   shutdown(): void {
+    // Replies already produced for this chunk go out before the EOF, as they would have one by one.
+    this.#batching = false;
+    this.#flush();
     if (!this.socket.destroyed) {
       this.socket.end();
       this.socket.destroy();
@@ -106,15 +115,78 @@ export class KvmiConnection {
 
   #onData = (chunk: Buffer): void => {
     if (this.#closed) return;
-    this.#reader.push(chunk);
+    this.#batching = true;
     try {
-      for (let f = this.#reader.next(); f !== null; f = this.#reader.next()) {
-        if (!this.#handle(f)) return;
+      let at = 0;
+      // Fast path: whole GET_MAP_TOKEN requests read straight from the chunk
+      // (nothing buffered before them), answered into the chunk's reply buffer.
+      if (this.#reader.buffered === 0) at = this.#tokenRun(chunk);
+      if (at < chunk.length) {
+        this.#reader.push(at === 0 ? chunk : chunk.subarray(at));
+        for (let f = this.#reader.next(); f !== null; f = this.#reader.next()) {
+          if (!this.#handle(f)) return;
+        }
       }
     } catch (e) {
       this.#framingError(e instanceof AbiDecodeError ? e.message : String(e));
+    } finally {
+      this.#batching = false;
+      this.#flush();
     }
   };
+
+  /**
+   * Handles the leading run of well-formed KVMI_GET_MAP_TOKEN requests (8-byte
+   * header, empty body) of `chunk` exactly as #handle would; returns where it
+   * stopped (the first other message, or a partial header).
+   */
+  #tokenRun(chunk: Buffer): number {
+    const id = KVMI_IDS[this.#owner.protocol].GET_MAP_TOKEN;
+    const into = this.#owner.issueTokenInto;
+    if (into === undefined) return 0;
+    const end = chunk.length - MSG_HDR_SIZE;
+    let at = 0;
+    while (at <= end && chunk.readUInt16LE(at) === id && chunk.readUInt16LE(at + 2) === 0) {
+      const seq = chunk.readUInt32LE(at + 4);
+      at += MSG_HDR_SIZE;
+      this.counts.commands++;
+      const out = this.#reserve(MSG_HDR_SIZE + MAP_TOKEN_REPLY_SIZE);
+      const o = this.#outLen;
+      if (!into.call(this.#owner, out, o + MSG_HDR_SIZE + ERROR_CODE_SIZE)) {
+        debug('%s: KVMI_GET_MAP_TOKEN refused: too many tokens have accumulated', this.#owner.label);
+        this.#reply(id, seq, -KVM_EAGAIN);
+        continue;
+      }
+      out.writeUInt16LE(id, o);
+      out.writeUInt16LE(MAP_TOKEN_REPLY_SIZE, o + 2);
+      out.writeUInt32LE(seq, o + 4);
+      out.writeInt32LE(0, o + MSG_HDR_SIZE);
+      out.writeUInt32LE(0, o + MSG_HDR_SIZE + 4);
+      this.#outLen = o + MSG_HDR_SIZE + MAP_TOKEN_REPLY_SIZE;
+    }
+    return at;
+  }
+
+  /** The reply buffer with room for `n` more bytes. */
+  #reserve(n: number): Buffer {
+    let out = this.#out;
+    if (out === null || this.#outLen + n > out.length) {
+      this.#flush();
+      out = this.#out = Buffer.allocUnsafe(Math.max(n, 16384));
+    }
+    return out;
+  }
+
+  /** Writes the queued replies (one socket write). */
+  #flush(): void {
+    const out = this.#out;
+    if (out === null || this.#outLen === 0) return;
+    const len = this.#outLen;
+    this.#outLen = 0;
+    // The socket keeps the written bytes until they are sent: never reuse them.
+    this.#out = out.length - len >= 4096 ? out.subarray(len) : null;
+    if (!this.socket.destroyed && this.socket.writable) this.socket.write(out.subarray(0, len));
+  }
 
   /** Handles one message; false when the connection was dropped. */
   #handle(f: KvmiFrame): boolean {
@@ -174,6 +246,11 @@ export class KvmiConnection {
   }
 
   #send(buf: Buffer): void {
+    if (this.#batching) {
+      buf.copy(this.#reserve(buf.length), this.#outLen);
+      this.#outLen += buf.length;
+      return;
+    }
     if (!this.socket.destroyed && this.socket.writable) this.socket.write(buf);
   }
 

@@ -9,8 +9,8 @@
  * lazily (on issue, use and count) and by an unref'd sweep timer every second.
  * v4 rules: no limit, no expiry (limit = ttlMs = Infinity).
  *
- * Tokens are compared through their hex spelling, which never leaves this
- * module: nothing here logs or formats a token.
+ * Tokens are found by 30 bits of their bytes (a small-integer Map key) and
+ * then compared in full (all 32 bytes); nothing here logs or formats a token.
  *
  * Cost: O(1) per issue/consume. Every token gets the same lifetime and issue
  * times never decrease (the clock is clamped), so the insertion-ordered maps
@@ -30,21 +30,36 @@ export interface TokenStoreOptions {
   sweepMs?: number;
 }
 
-interface Entry<V> { vm: V; issued: number }
+interface Entry<V> {
+  vm: V;
+  issued: number;
+  /** The token's 32 bytes live in `pool` at `off` (wiped when the token goes). */
+  pool: Uint8Array;
+  off: number;
+  key: number;
+  /** The VM's tokens in issue order (a doubly linked list: O(1) removal). */
+  prev: Entry<V> | null;
+  next: Entry<V> | null;
+}
 
-// CSPRNG bytes drawn 8 KiB at a time (one randomFillSync per 256 tokens); each
-// token's slice is copied out and wiped from the pool.
-const POOL = Buffer.alloc(256 * MEM_TOKEN_SIZE);
-let poolAt = POOL.length;
-function randomToken(): Buffer {
-  if (poolAt + MEM_TOKEN_SIZE > POOL.length) {
-    randomFillSync(POOL);
-    poolAt = 0;
-  }
-  const t = Buffer.from(POOL.subarray(poolAt, poolAt + MEM_TOKEN_SIZE));
-  POOL.fill(0, poolAt, poolAt + MEM_TOKEN_SIZE);
-  poolAt += MEM_TOKEN_SIZE;
-  return t;
+interface VmTokens<V> { head: Entry<V> | null; tail: Entry<V> | null; n: number }
+
+// CSPRNG bytes drawn 8 KiB at a time (one randomFillSync per 256 tokens). Each
+// outstanding token keeps its bytes in its pool slot (no per-token copy); the
+// slot is wiped when the token is used, dropped or expires. A pool is freed
+// once none of its tokens is referenced.
+const POOL_TOKENS = 256;
+let pool = new Uint8Array(0);
+let poolAt = 0;
+
+/** 30 bits of the token at `off` (always a small integer): the map key. */
+function keyOf(b: Uint8Array, off: number): number {
+  return (b[off]! | (b[off + 1]! << 8) | (b[off + 2]! << 16) | ((b[off + 3]! & 0x3f) << 24));
+}
+
+function wipe(e: { pool: Uint8Array; off: number }): void {
+  const p = e.pool, o = e.off;
+  for (let i = 0; i < MEM_TOKEN_SIZE; i++) p[o + i] = 0;
 }
 
 export class TokenStore<V extends object> {
@@ -52,8 +67,9 @@ export class TokenStore<V extends object> {
   readonly ttlMs: number;
   readonly #now: () => number;
   readonly #sweepMs: number;
-  readonly #byKey = new Map<string, Entry<V>>();
-  readonly #byVm = new Map<V, Set<string>>();
+  /** Every outstanding token by keyOf(), in issue order (= expiry order). */
+  readonly #byKey = new Map<number, Entry<V>>();
+  readonly #byVm = new Map<V, VmTokens<V>>();
   #timer: NodeJS.Timeout | undefined;
   #closed = false;
   #lastIssued = -Infinity;
@@ -69,22 +85,46 @@ export class TokenStore<V extends object> {
 
   /** A fresh token for `vm`, or null when `vm` already has `limit` outstanding (-KVM_EAGAIN). */
   issue(vm: V): Uint8Array | null {
-    if (this.#closed) return null;
-    this.#purgeVm(vm);
-    const keys = this.#byVm.get(vm);
-    if ((keys?.size ?? 0) >= this.limit) return null;
-    let token: Buffer, key: string;
+    const out = new Uint8Array(MEM_TOKEN_SIZE);
+    return this.issueInto(vm, out, 0) ? out : null;
+  }
+
+  /**
+   * issue(), writing the token's 32 bytes into `out` at `offset` instead of
+   * returning a copy (the KVMI connection writes it straight into its reply).
+   * false when `vm` already has `limit` outstanding.
+   */
+  issueInto(vm: V, out: Uint8Array, offset: number): boolean {
+    if (this.#closed) return false;
+    let rec = this.#byVm.get(vm);
+    if (rec !== undefined && this.ttlMs !== Infinity) this.#purgeVm(rec, this.#now());
+    if ((rec?.n ?? 0) >= this.limit) return false;
+    let key: number;
     do {
-      token = randomToken();
-      key = token.toString('hex');
-    } while (this.#byKey.has(key)); // 2^-256: never, but cheap to be sure
+      if (poolAt === pool.length) {
+        pool = new Uint8Array(POOL_TOKENS * MEM_TOKEN_SIZE);
+        randomFillSync(pool);
+        poolAt = 0;
+      }
+      key = keyOf(pool, poolAt);
+      if (!this.#byKey.has(key)) break;
+      pool.fill(0, poolAt, poolAt + MEM_TOKEN_SIZE); // 30-bit key taken: draw another token
+      poolAt += MEM_TOKEN_SIZE;
+    } while (true);
     // Clamp: issue times never go backwards, which keeps the maps ordered by expiry.
     const issued = this.#lastIssued = Math.max(this.#lastIssued, this.#now());
-    this.#byKey.set(key, { vm, issued });
-    if (keys) keys.add(key);
-    else this.#byVm.set(vm, new Set([key]));
-    this.#arm();
-    return new Uint8Array(token);
+    if (rec === undefined) this.#byVm.set(vm, rec = { head: null, tail: null, n: 0 });
+    const e: Entry<V> = { vm, issued, pool, off: poolAt, key, prev: rec.tail, next: null };
+    poolAt += MEM_TOKEN_SIZE;
+    if (rec.tail === null) rec.head = e;
+    else rec.tail.next = e;
+    rec.tail = e;
+    rec.n++;
+    this.#byKey.set(key, e);
+    const p = e.pool, o = e.off;
+    for (let i = 0; i < MEM_TOKEN_SIZE; i++) out[offset + i] = p[o + i]!;
+    if (this.#timer === undefined) this.#arm();
+    return true;
   }
 
   /**
@@ -93,10 +133,18 @@ export class TokenStore<V extends object> {
    */
   consume(token: Uint8Array): V | undefined {
     if (token.length !== MEM_TOKEN_SIZE) return undefined;
-    const key = Buffer.from(token.buffer, token.byteOffset, token.byteLength).toString('hex');
-    const e = this.#byKey.get(key);
+    return this.consumeAt(token, 0);
+  }
+
+  /** consume() of the 32 bytes at `offset` of `buf` (no copy); undefined when fewer are there. */
+  consumeAt(buf: Uint8Array, offset: number): V | undefined {
+    if (!(offset >= 0) || buf.length - offset < MEM_TOKEN_SIZE) return undefined;
+    const e = this.#byKey.get(keyOf(buf, offset));
     if (e === undefined) return undefined;
-    this.#delete(key, e.vm);
+    const p = e.pool, o = e.off;
+    for (let i = 0; i < MEM_TOKEN_SIZE; i++) if (p[o + i] !== buf[offset + i]) return undefined;
+    this.#delete(e);
+    if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
     if (this.#expired(e, this.#now())) return undefined;
     return e.vm;
   }
@@ -104,8 +152,10 @@ export class TokenStore<V extends object> {
   /** Unexpired outstanding tokens, for one VM or all. */
   outstanding(vm?: V): number {
     if (vm !== undefined) {
-      this.#purgeVm(vm);
-      return this.#byVm.get(vm)?.size ?? 0;
+      const rec = this.#byVm.get(vm);
+      if (rec === undefined) return 0;
+      if (this.ttlMs !== Infinity) this.#purgeVm(rec, this.#now());
+      return rec.n;
     }
     this.sweep();
     return this.#byKey.size;
@@ -113,12 +163,16 @@ export class TokenStore<V extends object> {
 
   /** Drops every token of `vm` (unhook, VM removal). */
   dropVm(vm: V): number {
-    const keys = this.#byVm.get(vm);
-    if (keys === undefined) return 0;
-    for (const k of keys) this.#byKey.delete(k);
+    const rec = this.#byVm.get(vm);
+    if (rec === undefined) return 0;
+    const n = rec.n;
+    for (let e = rec.head; e !== null; e = e.next) {
+      this.#byKey.delete(e.key);
+      wipe(e);
+    }
     this.#byVm.delete(vm);
     this.#disarmIfEmpty();
-    return keys.size;
+    return n;
   }
 
   /** Removes expired tokens (the v6 sweep). Returns how many. */
@@ -126,16 +180,18 @@ export class TokenStore<V extends object> {
     if (this.ttlMs === Infinity) return 0;
     const now = this.#now();
     let n = 0;
-    for (const [k, e] of this.#byKey) {
+    for (const e of this.#byKey.values()) {
       if (!this.#expired(e, now)) break; // the rest are younger
-      this.#delete(k, e.vm);
+      this.#delete(e);
       n++;
     }
+    this.#disarmIfEmpty();
     return n;
   }
 
   close(): void {
     this.#closed = true;
+    for (const e of this.#byKey.values()) wipe(e);
     this.#byKey.clear();
     this.#byVm.clear();
     this.#disarmIfEmpty();
@@ -145,25 +201,30 @@ export class TokenStore<V extends object> {
     return now - e.issued >= this.ttlMs;
   }
 
-  #purgeVm(vm: V): void {
-    if (this.ttlMs === Infinity) return;
-    const keys = this.#byVm.get(vm);
-    if (keys === undefined) return;
-    const now = this.#now();
-    for (const k of keys) {
-      if (!this.#expired(this.#byKey.get(k)!, now)) break; // the rest are younger
-      this.#delete(k, vm);
+  #purgeVm(rec: VmTokens<V>, now: number): void {
+    let e = rec.head;
+    let n = 0;
+    while (e !== null && this.#expired(e, now)) { // the rest are younger
+      const next = e.next;
+      this.#delete(e);
+      n++;
+      e = next;
     }
+    if (n > 0) this.#disarmIfEmpty();
   }
 
-  #delete(key: string, vm: V): void {
-    this.#byKey.delete(key);
-    const keys = this.#byVm.get(vm);
-    if (keys !== undefined) {
-      keys.delete(key);
-      if (keys.size === 0) this.#byVm.delete(vm);
-    }
-    this.#disarmIfEmpty();
+  /** Removes the entry from both indexes and wipes its bytes. */
+  #delete(e: Entry<V>): void {
+    this.#byKey.delete(e.key);
+    wipe(e);
+    const rec = this.#byVm.get(e.vm);
+    if (rec === undefined) return;
+    if (e.prev === null) rec.head = e.next;
+    else e.prev.next = e.next;
+    if (e.next === null) rec.tail = e.prev;
+    else e.next.prev = e.prev;
+    e.prev = e.next = null;
+    if (--rec.n === 0) this.#byVm.delete(e.vm);
   }
 
   #arm(): void {
@@ -172,10 +233,12 @@ export class TokenStore<V extends object> {
     this.#timer.unref();
   }
 
+  #disarm(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+
   #disarmIfEmpty(): void {
-    if (this.#timer !== undefined && this.#byKey.size === 0) {
-      clearInterval(this.#timer);
-      this.#timer = undefined;
-    }
+    if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
   }
 }
