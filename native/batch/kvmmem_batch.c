@@ -8,14 +8,16 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
+#include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
 /*
  * ABI 1: kvmmem_ioctl_many_ptr/_val, kvmmem_remap_many (kinds 0 and 1).
  * ABI 2: + kvmmem_remap_one, + remap kind 2 (a read-only image: private copy-on-write, populated).
+ * ABI 3: + kvmmem_map_one (the model driver's page lookup and the host's remap in one call).
  */
-int kvmmem_batch_abi_version(void) { return 2; }
+int kvmmem_batch_abi_version(void) { return 3; }
 
 /* count ioctls whose argument is a pointer to record i (base + i * stride). */
 int32_t kvmmem_ioctl_many_ptr(int fd, unsigned long req, uint8_t *base, uint64_t stride,
@@ -91,5 +93,27 @@ int32_t kvmmem_remap_many(uint32_t kind, const uint64_t *addrs, const uint64_t *
 /* One remap (as kvmmem_remap_many with count 1): one ffi crossing instead of mmap + mlock. */
 int32_t kvmmem_remap_one(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off)
 {
+	return remap(kind, addr, len, fd, off);
+}
+
+/*
+ * The model's single MAP in one crossing: the driver's find_vma/follow_page
+ * stand-in (mincore of the page at addr), then -- only when a page is present --
+ * the host's remap (as kvmmem_remap_one). Returns
+ *   0 / -errno  the page was present: the remap's result;
+ *   1           no mapping covers the page (mincore ENOMEM): nothing done;
+ *   2           mapped but not resident: nothing done;
+ *   3           mincore failed otherwise: nothing done (the caller asks again its own way).
+ * The caller has already validated everything the hypercall checks, so the
+ * remap is exactly what the hypercall would do next.
+ */
+int32_t kvmmem_map_one(uint32_t kind, uint64_t addr, uint64_t len, int fd, int64_t off)
+{
+	unsigned char v = 0;
+	long ps = sysconf(_SC_PAGESIZE);
+	if (mincore((void *)(uintptr_t)addr, (size_t)ps, &v) < 0)
+		return errno == ENOMEM ? 1 : 3;
+	if (!(v & 1))
+		return 2;
 	return remap(kind, addr, len, fd, off);
 }

@@ -15,16 +15,18 @@
  * - the mutex: JS runs one thread, so it can only be taken recursively by a
  *   bug; it is kept (and checked) to mirror the C critical sections.
  *
- * Deliberate difference: the list walk. map_list is an insertion-ordered Set
- * (list order) plus an index vaddr -> entries in list order, so MAP, UNMAP and
- * release are O(1) per page while UNMAP still takes the *first entry in list
- * order whose vaddr equals the argument exactly*, as the C loop does.
+ * Deliberate difference: the list walk. map_list is a slab of entries in typed
+ * arrays linked in list order (insertion order) plus an index vaddr -> first
+ * entry in list order (further entries with that vaddr chained after it), so
+ * MAP, UNMAP and release are O(1) per page while UNMAP still takes the *first
+ * entry in list order whose vaddr equals the argument exactly*, as the C loop
+ * does.
  */
 import { debuglog } from 'node:util';
 import * as libc from '../sys/libc.js';
 import { ERRNO } from '../abi/errno.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, decodeIoctl, IOC_WRITE } from '../abi/ioctl.js';
-import { MEM_MAP_SIZE, PAGE_SIZE, decodeMemMap, type MemMap } from '../abi/structs.js';
+import { MEM_MAP_SIZE, PAGE_SIZE } from '../abi/structs.js';
 import { DeviceError } from '../errors.js';
 import type { IoctlArg } from '../device/device.js';
 import type { ModelHost } from './host.js';
@@ -32,8 +34,13 @@ import { USER_LIMIT, access_ok, copy_from_user, pageOf, pageState, pageStates, t
 
 const debug = debuglog('kvmmem');
 const { EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
-const MAX_SAFE_N = 9007199254740991n;
 const hex = (v: bigint | number) => '0x' + v.toString(16).padStart(16, '0');
+
+/** Little-endian u32 at `off` of `b`. */
+const u32 = (b: Uint8Array, off: number): number =>
+  (b[off]! | (b[off + 1]! << 8) | (b[off + 2]! << 16)) + b[off + 3]! * 0x1000000;
+/** Little-endian u64 at `off` of `b`, as a bigint. */
+const u64big = (b: Uint8Array, off: number): bigint => (BigInt(u32(b, off + 4)) << 32n) | BigInt(u32(b, off));
 
 /** C: IS_ERR_VALUE(x) — a negative errno. */
 const IS_ERR_VALUE = (x: number) => x < 0 && x >= -4095;
@@ -80,21 +87,11 @@ export interface PageMap {
   readonly paddr: bigint;
 }
 
-class PageMapEntry implements PageMap {
-  /** The gpa as passed: a number when exact (< 2^53), else the bigint. */
-  g: number | bigint;
-  /** Number(vaddr): entries only exist for vaddrs below the user limit (< 2^47). */
-  key: number;
-  /** The page's address (paddr); 0 for the quirk, where C leaves kmalloc garbage. */
-  page = 0;
-  constructor(gpa: number | bigint, vaddr: number) {
-    this.g = gpa;
-    this.key = vaddr;
-  }
-  get gpa(): bigint { return BigInt(this.g); }
-  get vaddr(): bigint { return BigInt(this.key); }
-  get paddr(): bigint { return BigInt(this.page); }
-}
+/** A MAP entry of a FileMap's slab: its slot index (valid while it is listed). */
+type Slot = number;
+const NIL = -1;
+/** #prev of a slot on the free list (not in map_list). */
+const FREE = -2;
 
 /** struct mutex, as far as one JS thread can use it. */
 class Mutex {
@@ -109,7 +106,17 @@ class Mutex {
   }
 }
 
-/** struct file_map: the state of one open file of /dev/kvmmem. */
+/**
+ * struct file_map: the state of one open file of /dev/kvmmem.
+ *
+ * map_list is a slab of struct page_map entries in parallel typed arrays (no JS
+ * object per entry): a doubly linked list through #next/#prev in list order
+ * (insertion order), freed slots kept on a free list. The index #byVaddr maps a
+ * vaddr to the first slot in list order with exactly that vaddr; further slots
+ * with the same vaddr (quirk and stale entries) are chained through #same, in
+ * list order, so UNMAP's "first entry in list order whose vaddr equals the
+ * argument" is one Map lookup.
+ */
 export class FileMap {
   /** C: fmp->file (the open file; here whatever the opener passed). */
   readonly file: unknown;
@@ -117,69 +124,164 @@ export class FileMap {
   readonly lock = new Mutex();
   /** C: fmp->active: 1 while open, 0 from release on (teardown). */
   active = 1;
-  readonly #list = new Set<PageMapEntry>();
-  /** vaddr -> its entry, or its entries in list order when there are several. */
-  readonly #byVaddr = new Map<number, PageMapEntry | PageMapEntry[]>();
+  /** pmp->vaddr (< 2^47: entries only exist for vaddrs below the user limit). */
+  #vaddr = new Float64Array(0);
+  /** pmp->paddr: the page's address; 0 for the quirk, where C leaves kmalloc garbage. */
+  #page = new Float64Array(0);
+  /** pmp->gpa as passed when exact (< 2^53); NaN: see #bigGpa. */
+  #gpa = new Float64Array(0);
+  #next = new Int32Array(0);
+  #prev = new Int32Array(0);
+  #same = new Int32Array(0);
+  readonly #bigGpa = new Map<Slot, bigint>();
+  /** vaddr -> the first slot in list order with that vaddr. */
+  readonly #byVaddr = new Map<number, Slot>();
+  #head: Slot = NIL;
+  #tail: Slot = NIL;
+  #free: Slot = NIL;
+  #top = 0;
+  #size = 0;
 
   /** @internal use KvmiMemDriver.kvm_dev_open() */
   constructor(file: unknown) {
     this.file = file;
   }
 
-  /** C: fmp->map_list, in list order (read-only view). */
-  get map_list(): ReadonlySet<PageMap> { return this.#list; }
-  get size(): number { return this.#list.size; }
+  /** C: fmp->map_list, in list order (a snapshot of copies). */
+  get map_list(): ReadonlySet<PageMap> { return new Set(this.entries()); }
+  get size(): number { return this.#size; }
 
   /** Copies of the entries in list order. */
   entries(): PageMap[] {
-    return [...this.#list].map((e) => ({ gpa: e.gpa, vaddr: e.vaddr, paddr: e.paddr }));
-  }
-
-  /** @internal C: list_add_tail(&pmp->map_list, &fmp->map_list) */
-  _list_add_tail(pmp: PageMapEntry): void {
-    this.#list.add(pmp);
-    const same = this.#byVaddr.get(pmp.key);
-    if (same === undefined) this.#byVaddr.set(pmp.key, pmp);
-    else if (same instanceof PageMapEntry) this.#byVaddr.set(pmp.key, [same, pmp]);
-    else same.push(pmp);
-  }
-
-  /** @internal C: list_del(&pmp->map_list) */
-  _list_del(pmp: PageMapEntry): void {
-    if (!this.#list.delete(pmp)) return;
-    const same = this.#byVaddr.get(pmp.key)!;
-    if (same === pmp) this.#byVaddr.delete(pmp.key);
-    else {
-      const arr = same as PageMapEntry[];
-      arr.splice(arr.indexOf(pmp), 1);
-      if (arr.length === 1) this.#byVaddr.set(pmp.key, arr[0]!);
+    const out: PageMap[] = [];
+    for (let s = this.#head; s !== NIL; s = this.#next[s]!) {
+      out.push({ gpa: this._gpaOf(s), vaddr: BigInt(this.#vaddr[s]!), paddr: BigInt(this.#page[s]!) });
     }
+    return out;
+  }
+
+  /** @internal pmp->gpa of a listed slot. */
+  _gpaOf(s: Slot): bigint {
+    const g = this.#gpa[s]!;
+    return g === g ? BigInt(g) : this.#bigGpa.get(s)!;
+  }
+
+  /** @internal pmp->paddr of a listed slot, as a number (0 for the quirk). */
+  _pageOf(s: Slot): number {
+    return this.#page[s]!;
+  }
+
+  /**
+   * @internal C: pmp = kmalloc(...); pmp->gpa = gpa; pmp->vaddr = vaddr; pmp->paddr = page;
+   * list_add_tail(&pmp->map_list, &fmp->map_list). Returns the entry's slot.
+   */
+  _list_add_tail(gpa: number | bigint, vaddr: number, page: number): Slot {
+    let s = this.#free;
+    if (s !== NIL) this.#free = this.#next[s]!;
+    else {
+      if (this.#top === this.#vaddr.length) this.#grow();
+      s = this.#top++;
+    }
+    this.#vaddr[s] = vaddr;
+    this.#page[s] = page;
+    if (typeof gpa === 'number') this.#gpa[s] = gpa;
+    else {
+      this.#gpa[s] = NaN;
+      this.#bigGpa.set(s, gpa);
+    }
+    this.#next[s] = NIL;
+    this.#prev[s] = this.#tail;
+    if (this.#tail === NIL) this.#head = s;
+    else this.#next[this.#tail] = s;
+    this.#tail = s;
+    this.#same[s] = NIL;
+    const first = this.#byVaddr.get(vaddr);
+    if (first === undefined) this.#byVaddr.set(vaddr, s);
+    else {
+      let t = first;
+      while (this.#same[t] !== NIL) t = this.#same[t]!;
+      this.#same[t] = s;
+    }
+    this.#size++;
+    return s;
+  }
+
+  /** @internal C: list_del(&pmp->map_list); kfree(pmp). A slot not listed is ignored. */
+  _list_del(s: Slot): void {
+    if (s < 0 || s >= this.#top || this.#prev[s] === FREE) return;
+    const prev = this.#prev[s]!, next = this.#next[s]!;
+    if (prev === NIL) this.#head = next;
+    else this.#next[prev] = next;
+    if (next === NIL) this.#tail = prev;
+    else this.#prev[next] = prev;
+    const vaddr = this.#vaddr[s]!;
+    const first = this.#byVaddr.get(vaddr)!;
+    if (first === s) {
+      if (this.#same[s] === NIL) this.#byVaddr.delete(vaddr);
+      else this.#byVaddr.set(vaddr, this.#same[s]!);
+    } else {
+      let t = first;
+      while (this.#same[t] !== s) t = this.#same[t]!;
+      this.#same[t] = this.#same[s]!;
+    }
+    if (this.#gpa[s] !== this.#gpa[s]) this.#bigGpa.delete(s);
+    this.#prev[s] = FREE;
+    this.#next[s] = this.#free;
+    this.#free = s;
+    this.#size--;
   }
 
   /**
    * @internal C: list_for_each(cur, &fmp->map_list) { if (pmp->vaddr == vaddr) { found } }
-   * — the first entry in list order with exactly this vaddr, in O(1).
+   * — the first entry in list order with exactly this vaddr, in O(1); -1 if none.
    */
-  _find(vaddr: bigint): PageMapEntry | undefined {
-    if (vaddr >= 0x20000000000000n) return undefined; // no entry has such a vaddr
+  _find(vaddr: bigint): Slot {
+    if (vaddr >= 0x20000000000000n) return NIL; // no entry has such a vaddr
     return this._findN(Number(vaddr));
   }
 
   /** @internal _find() of an exact number vaddr (< 2^53). */
-  _findN(vaddr: number): PageMapEntry | undefined {
-    const same = this.#byVaddr.get(vaddr);
-    return same === undefined || same instanceof PageMapEntry ? same : same[0];
+  _findN(vaddr: number): Slot {
+    return this.#byVaddr.get(vaddr) ?? NIL;
   }
 
-  /** @internal list order, for release. */
-  _entries(): IterableIterator<PageMapEntry> {
-    return this.#list.values();
+  /** @internal the listed slots in list order, for release. */
+  *_entries(): IterableIterator<Slot> {
+    for (let s = this.#head; s !== NIL; s = this.#next[s]!) yield s;
   }
 
-  /** @internal */
+  /** @internal the paddr of every entry in list order (release: one array, no generator). */
+  _pagesInOrder(): number[] {
+    const out = new Array<number>(this.#size);
+    let i = 0;
+    for (let s = this.#head; s !== NIL; s = this.#next[s]!) out[i++] = this.#page[s]!;
+    return out;
+  }
+
+  /** @internal drop every entry (and the slab). */
   _clear(): void {
-    this.#list.clear();
     this.#byVaddr.clear();
+    this.#bigGpa.clear();
+    this.#vaddr = new Float64Array(0);
+    this.#page = new Float64Array(0);
+    this.#gpa = new Float64Array(0);
+    this.#next = new Int32Array(0);
+    this.#prev = new Int32Array(0);
+    this.#same = new Int32Array(0);
+    this.#head = this.#tail = this.#free = NIL;
+    this.#top = this.#size = 0;
+  }
+
+  #grow(): void {
+    const cap = Math.max(64, this.#vaddr.length * 2);
+    const f64 = (a: Float64Array) => { const b = new Float64Array(cap); b.set(a); return b; };
+    const i32 = (a: Int32Array) => { const b = new Int32Array(cap); b.set(a); return b; };
+    this.#vaddr = f64(this.#vaddr);
+    this.#page = f64(this.#page);
+    this.#gpa = f64(this.#gpa);
+    this.#next = i32(this.#next);
+    this.#prev = i32(this.#prev);
+    this.#same = i32(this.#same);
   }
 }
 
@@ -192,7 +294,7 @@ interface IoctlHandler {
   readonly size: number;
   /** The argument is a pointer to `size` bytes to copy in (MAP), not the value itself (UNMAP). */
   readonly copyIn: boolean;
-  run(fmp: FileMap, arg: Uint8Array | bigint): number;
+  run(fmp: FileMap, arg: Uint8Array | bigint | number): number;
 }
 
 /** The kvmmem misc device of one introspector VM (one model host). */
@@ -200,8 +302,10 @@ export class KvmiMemDriver {
   readonly host: ModelHost;
   /** C: static struct list_head file_list (open files, in open order). */
   readonly file_list = new Set<FileMap>();
-  /** @internal the entry the last successful MAP hypercall added (batch bookkeeping). */
-  #lastMapped: PageMapEntry | null = null;
+  /** @internal the slot of the entry the last successful MAP hypercall added (batch bookkeeping). */
+  #lastMapped: Slot = NIL;
+  /** pmap->paddr as _do_mapping left it (0 for the quirks). */
+  #paddr = 0;
   /** During a MAP batch: page states looked up once for the whole batch (see prefetchStates). */
   #states: Map<number, PageState> | null = null;
   readonly #table: ReadonlyMap<number, IoctlHandler>;
@@ -222,8 +326,8 @@ export class KvmiMemDriver {
       return [cmd >>> 0, { cmd: cmd >>> 0, name, dir: f.dir, size: f.size, copyIn, run }];
     };
     this.#table = new Map([
-      row(KVM_INTRO_MEM_MAP, 'KVM_INTRO_MEM_MAP', true, (fmp, a) => this.#kvm_dev_ioctl_map(fmp, decodeMemMap(a as Uint8Array))),
-      row(KVM_INTRO_MEM_UNMAP, 'KVM_INTRO_MEM_UNMAP', false, (fmp, a) => this.#kvm_dev_ioctl_unmap(fmp, a as bigint)),
+      row(KVM_INTRO_MEM_MAP, 'KVM_INTRO_MEM_MAP', true, (fmp, a) => this.#kvm_dev_ioctl_map(fmp, a as Uint8Array, 0)),
+      row(KVM_INTRO_MEM_UNMAP, 'KVM_INTRO_MEM_UNMAP', false, (fmp, a) => this.#kvm_dev_ioctl_unmap(fmp, a as bigint | number)),
     ]);
     for (const h of this.#table.values()) {
       if (h.copyIn && !(h.dir & IOC_WRITE)) throw new Error(`${h.name}: a copy-in handler must be _IOW`);
@@ -259,16 +363,20 @@ export class KvmiMemDriver {
       debug('kvmi: ioctl %s not implemented', hex(ioctl >>> 0));
       return -ENOTTY;
     }
-    let a: Uint8Array | bigint;
+    let a: Uint8Array | bigint | number;
     if (h.copyIn) {
       // C: result = -EFAULT; if (copy_from_user(&map, argp, sizeof(map))) break;
+      // (a buffer is read in place: the handler reads its first `size` bytes)
       const bytes = arg instanceof Uint8Array
-        ? (arg.length >= h.size ? arg.subarray(0, h.size) : null)
+        ? (arg.length >= h.size ? arg : null)
         : copy_from_user(BigInt.asUintN(64, BigInt(arg)), h.size);
       if (bytes === null) return -EFAULT;
       a = bytes;
+    } else if (typeof arg === 'number' && arg >= 0 && Number.isSafeInteger(arg)) {
+      // C: unsigned long vaddr = (unsigned long) arg;  (an exact number stays a number)
+      a = arg;
     } else {
-      // C: unsigned long vaddr = (unsigned long) arg;  (a buffer passes its address, as ioctl(2) would)
+      // (a buffer passes its address, as ioctl(2) would)
       a = arg instanceof Uint8Array ? BigInt(libc.addressOf(arg)) : BigInt.asUintN(64, BigInt(arg));
     }
     const result = h.run(fmp, a);
@@ -276,15 +384,22 @@ export class KvmiMemDriver {
     return IS_ERR_VALUE(result) ? result : 0;
   }
 
-  // C: static long kvm_dev_ioctl_map(struct file_map *fmp, struct kvmi_mem_map *map)
-  #kvm_dev_ioctl_map(fmp: FileMap, map: MemMap): number {
+  /**
+   * C: static long kvm_dev_ioctl_map(struct file_map *fmp, struct kvmi_mem_map *map)
+   * `map` is the 48-byte struct kvmi_mem_map at `off` of `args`, read in place
+   * (token 0..31, gpa 32..39, gva 40..47, little-endian).
+   */
+  #kvm_dev_ioctl_map(fmp: FileMap, args: Uint8Array, off: number): number {
+    const gvaHi = u32(args, off + 44);
     // C: if (!access_ok(VERIFY_READ, map->gva, PAGE_SIZE)) return -EINVAL;
-    if (!access_ok(map.gva, PAGE_SIZE)) return -EINVAL;
     // C: if (!access_ok(VERIFY_WRITE, map->gva, PAGE_SIZE)) return -EINVAL;  (same range check on x86)
-    if (!access_ok(map.gva, PAGE_SIZE)) return -EINVAL;
+    if (gvaHi >= 0x8000) return -EINVAL;
+    const gva = gvaHi * 0x100000000 + u32(args, off + 40);
+    if (gva + PAGE_SIZE > USER_LIMIT) return -EINVAL;
     // C: pmp = kmalloc(sizeof(struct page_map), GFP_KERNEL); pmp->gpa = map->gpa; pmp->vaddr = map->gva;
-    const pmp = new PageMapEntry(map.gpa <= MAX_SAFE_N ? Number(map.gpa) : map.gpa, Number(map.gva));
-    let result: number;
+    // (the entry takes its slab slot at list_add_tail; an error path has nothing to free)
+    const gpaHi = u32(args, off + 36);
+    const gpa = gpaHi < 0x200000 ? gpaHi * 0x100000000 + u32(args, off + 32) : u64big(args, off + 32);
     // C: mutex_lock(&fmp->lock);
     fmp.lock.lock();
     try {
@@ -294,11 +409,11 @@ export class KvmiMemDriver {
         return -ENODEV; // C: out_err: kfree(pmp);
       }
       // C: result = _do_mapping(map, pmp); if (IS_ERR_VALUE(result)) goto out_err;
-      result = this.#_do_mapping(map, pmp);
+      const result = this.#_do_mapping(args, off, gva, gpa);
       if (IS_ERR_VALUE(result)) return result;
       // C: list_add_tail(&pmp->map_list, &fmp->map_list);
-      fmp._list_add_tail(pmp);
-      if (pmp.page !== 0) this.#lastMapped = pmp;
+      const slot = fmp._list_add_tail(gpa, gva, this.#paddr);
+      if (this.#paddr !== 0) this.#lastMapped = slot;
       // C: result = 0; goto out_finalize;
       return 0;
     } finally {
@@ -307,13 +422,31 @@ export class KvmiMemDriver {
     }
   }
 
-  // C: static long _do_mapping(struct kvmi_mem_map *map_req, struct page_map *pmap)
-  #_do_mapping(map_req: MemMap, pmap: PageMapEntry): number {
-    // C: if (!access_ok(VERIFY_READ, map_req->gva, PAGE_SIZE)) { pr_err(...); return -EINVAL; }
-    if (!access_ok(map_req.gva, PAGE_SIZE)) return -EINVAL;
+  /**
+   * C: static long _do_mapping(struct kvmi_mem_map *map_req, struct page_map *pmap)
+   * pmap->paddr is left in #paddr (0 for the quirks).
+   */
+  #_do_mapping(args: Uint8Array, off: number, gva: number, gpa: number | bigint): number {
+    // C: if (!access_ok(VERIFY_READ, map_req->gva, PAGE_SIZE)) { pr_err(...); return -EINVAL; }  (checked by the caller: same check)
     // C: down_read(&current->mm->mmap_sem);  (nothing to take here)
-    const page = pageOf(Number(map_req.gva));
-    const state = this.#states?.get(page) ?? pageState(page);
+    const page = pageOf(gva);
+    this.#paddr = 0;
+    let state = this.#states?.get(page);
+    if (state === undefined && this.#states === null) {
+      // Outside batches: find_vma/follow_page and, only when a page is present there, the
+      // whole MAP hypercall with its remap, in one native call (host._mapOneAt). The host
+      // validates first without side effects; whenever it cannot (an error to report, a
+      // batch, no native helper) it answers undefined and the steps below run one by one.
+      const r = this.host._mapOneAt(args, off, gpa, page);
+      if (r === libc.MAP_ONE_UNMAPPED) state = 'unmapped';
+      else if (r === libc.MAP_ONE_ABSENT) state = 'absent';
+      else if (r !== undefined && r !== libc.MAP_ONE_UNKNOWN) {
+        this.#paddr = page;
+        if (IS_ERR_VALUE(r)) debug('kvmi: HC failed with result %d', r);
+        return r;
+      }
+    }
+    state ??= pageState(page);
     // C: vma = find_vma(current->mm, map_req->gva); if (IS_ERR_OR_NULL(vma)) { result = PTR_ERR(vma); goto out; }
     // QUIRK: PTR_ERR(NULL) == 0, so "no mapping here" is success, with no hypercall.
     // (find_vma returns the next vma above a hole, then follow_page finds no page: also 0.)
@@ -329,9 +462,10 @@ export class KvmiMemDriver {
     }
     // C: WARN(is_zero_pfn(page_to_pfn(page)), "zero-page still mapped");  (not visible from userspace)
     // C: paddr = page_to_phys(page); pmap->paddr = paddr;
-    pmap.page = page;
+    this.#paddr = page;
     // C: result = kvmi_arch_map_hc(&map_req->token, map_req->gpa, paddr);  = kvm_hypercall3(KVM_HC_MEM_MAP, ...)
-    const result = this.host._mapHc(map_req.token, map_req.gpa, BigInt(page), true);
+    // (the token is looked up where it lies: bytes off..off+31 of args)
+    const result = this.host._mapHcAt(args, off, gpa, page);
     if (IS_ERR_VALUE(result)) debug('kvmi: HC failed with result %d', result);
     // C: out: up_read(&current->mm->mmap_sem); return result;
     return result;
@@ -359,16 +493,17 @@ export class KvmiMemDriver {
     // C: list_for_each(cur, &fmp->map_list) { ...; if (pmp->vaddr == vaddr) { found = true; break; } }
     const pmp = typeof vaddr === 'number' ? fmp._findN(vaddr) : fmp._find(vaddr);
     // C: if (!found) { mutex_unlock(&fmp->lock); pr_err("kvmi: address %016lx not mapped\n", vaddr); return -ENOENT; }
-    if (pmp === undefined) {
+    if (pmp < 0) {
       fmp.lock.unlock();
       debug('kvmi: address %s not mapped', hex(vaddr));
       return -ENOENT;
     }
+    const paddr = fmp._pageOf(pmp);
     // C: list_del(&pmp->map_list); mutex_unlock(&fmp->lock);
     fmp._list_del(pmp);
     fmp.lock.unlock();
     // C: _do_unmapping(pmp->paddr);  /* unmap & ignore result */
-    this.#_do_unmapping(pmp.page);
+    this.#_do_unmapping(paddr);
     // C: kfree(pmp); return 0;
     return 0;
   }
@@ -385,7 +520,7 @@ export class KvmiMemDriver {
     const outer = this.#defer();
     try {
       // C: list_for_each_safe(cur, next, &fmp->map_list) { _do_unmapping(pmp->paddr); list_del(&pmp->map_list); kfree(pmp); }
-      for (const pmp of fmp._entries()) this.#_do_unmapping(pmp.page);
+      for (const paddr of fmp._pagesInOrder()) this.#_do_unmapping(paddr);
       fmp._clear();
     } finally {
       if (outer) this.host._endDeferral();
@@ -410,10 +545,9 @@ export class KvmiMemDriver {
     const req = ioctl >>> 0;
     const isMap = req === KVM_INTRO_MEM_MAP && stride > 0;
     const isUnmap = req === KVM_INTRO_MEM_UNMAP && stride === 0;
-    const dv = new DataView(args.buffer, args.byteOffset, args.byteLength);
     const argOf = (i: number): IoctlArg => stride > 0
       ? args.subarray(i * stride, Math.min(args.length, i * stride + Math.max(stride, 48)))
-      : dv.getBigUint64(i * 8, true);
+      : u64big(args, i * 8);
     if (!isMap && !isUnmap) {
       let ok = 0;
       for (let i = 0; i < count; i++) {
@@ -422,35 +556,36 @@ export class KvmiMemDriver {
       }
       return ok;
     }
-    const created: (PageMapEntry | null)[] = isMap ? new Array<PageMapEntry | null>(count).fill(null) : [];
+    const created = isMap ? new Int32Array(count).fill(NIL) : null;
     const outer = this.#defer();
     let failures = new Map<number, number>();
     if (isMap && outer) this.#states = prefetchStates(args, stride, count);
     try {
-      if (isMap) {
+      if (created !== null) {
         for (let i = 0; i < count; i++) {
-          this.#lastMapped = null;
+          this.#lastMapped = NIL;
           const off = i * stride;
           // Records cut short by the end of the buffer: copy_from_user fails (-EFAULT).
-          results[i] = off + MEM_MAP_SIZE <= args.length ? this.#mapRecord(fmp, args, dv, off) : -EFAULT;
+          results[i] = off + MEM_MAP_SIZE <= args.length ? this.#kvm_dev_ioctl_map(fmp, args, off) : -EFAULT;
           if (results[i] === 0) created[i] = this.#lastMapped;
         }
       } else {
-        for (let i = 0; i < count; i++) results[i] = this.#unmapValue(fmp, dv, i * 8);
+        for (let i = 0; i < count; i++) results[i] = this.#unmapValue(fmp, args, i * 8);
       }
     } finally {
-      this.#lastMapped = null;
+      this.#lastMapped = NIL;
       this.#states = null;
       if (outer) failures = this.host._endDeferral();
     }
-    if (failures.size > 0) {
+    if (failures.size > 0 && created !== null) {
+      // (no entry was freed during the MAP batch, so the slots still hold its entries)
       for (let i = 0; i < count; i++) {
-        const pmp = created[i];
-        if (pmp == null) continue;
-        const err = failures.get(pmp.page);
+        const slot = created[i]!;
+        if (slot < 0) continue;
+        const err = failures.get(fmp._pageOf(slot));
         if (err === undefined) continue;
         // The host rolled its side back; the driver frees the entry, as its error path would have.
-        fmp._list_del(pmp);
+        fmp._list_del(slot);
         results[i] = err;
       }
     }
@@ -459,55 +594,10 @@ export class KvmiMemDriver {
     return ok;
   }
 
-  /**
-   * kvm_dev_ioctl(MAP) of the 48-byte record at `off` of `args`, read in place:
-   * the same checks in the same order as #kvm_dev_ioctl_map + #_do_mapping,
-   * with the gva as a number (access_ok bounds it below 2^47) and the token
-   * looked up where it lies.
-   */
-  #mapRecord(fmp: FileMap, args: Uint8Array, dv: DataView, off: number): number {
-    const gvaHi = dv.getUint32(off + 44, true);
-    // C: access_ok(VERIFY_READ/VERIFY_WRITE, map->gva, PAGE_SIZE) (twice, same check)
-    if (gvaHi >= 0x8000) return -EINVAL;
-    const gva = gvaHi * 0x100000000 + dv.getUint32(off + 40, true);
-    if (gva + PAGE_SIZE > USER_LIMIT) return -EINVAL;
-    const gpaHi = dv.getUint32(off + 36, true);
-    const gpa = gpaHi < 0x200000 ? gpaHi * 0x100000000 + dv.getUint32(off + 32, true) : dv.getBigUint64(off + 32, true);
-    const pmp = new PageMapEntry(gpa, gva);
-    fmp.lock.lock();
-    try {
-      if (!fmp.active) {
-        debug('kvmi: unable to map, file is being closed');
-        return -ENODEV;
-      }
-      // _do_mapping(): access_ok again (passed above), find_vma/follow_page.
-      const page = pageOf(gva);
-      const state = this.#states?.get(page) ?? pageState(page);
-      if (state === 'present') {
-        pmp.page = page;
-        const result = this.host._mapHcAt(args, off, gpa, page);
-        if (IS_ERR_VALUE(result)) {
-          debug('kvmi: HC failed with result %d', result);
-          return result;
-        }
-        fmp._list_add_tail(pmp);
-        this.#lastMapped = pmp;
-        return IS_ERR_VALUE(result) ? result : 0;
-      }
-      debug(state === 'unmapped'
-        ? 'kvmi: find_vma() failed with result 0 (no mapping at the gva): entry kept without a hypercall'
-        : 'kvmi: follow_page() failed with result 0 (page not present): entry kept without a hypercall');
-      fmp._list_add_tail(pmp);
-      return 0;
-    } finally {
-      fmp.lock.unlock();
-    }
-  }
-
   /** kvm_dev_ioctl(UNMAP) of the u64 at `off`: #kvm_dev_ioctl_unmap with a number vaddr when it is exact. */
-  #unmapValue(fmp: FileMap, dv: DataView, off: number): number {
-    const hi = dv.getUint32(off + 4, true);
-    const r = this.#kvm_dev_ioctl_unmap(fmp, hi < 0x200000 ? hi * 0x100000000 + dv.getUint32(off, true) : dv.getBigUint64(off, true));
+  #unmapValue(fmp: FileMap, args: Uint8Array, off: number): number {
+    const hi = u32(args, off + 4);
+    const r = this.#kvm_dev_ioctl_unmap(fmp, hi < 0x200000 ? hi * 0x100000000 + u32(args, off) : u64big(args, off));
     return IS_ERR_VALUE(r) ? r : 0;
   }
 

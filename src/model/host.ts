@@ -123,8 +123,8 @@ export interface HookArgs {
   uuid?: Uint8Array | string;
 }
 
+/** One mapping of the host's list; the introspector page is its key in #maps. */
 interface MapRec {
-  page: number;
   vm: ModelVm;
   /** Target gpa page: a number when exact (< 2^53), else the bigint. */
   gpa: number | bigint;
@@ -299,19 +299,63 @@ export class ModelHost {
     return this.#book(vm, gpaPage, where, page);
   }
 
+  /**
+   * @internal The driver's single (unbatched) MAP in one native call: validates
+   * everything _mapHcAt() would check, without side effects; when all of it
+   * passes, libc.mapOne() looks the page up (the driver's find_vma/follow_page)
+   * and, only if a page is present, remaps it; then the hypercall is booked
+   * (token consumed, mapping listed, counters) exactly as _mapHcAt() would.
+   * Returns the hypercall's 0 / -errno, or libc.MAP_ONE_UNMAPPED / _ABSENT /
+   * _UNKNOWN when no page is present there (nothing happened: the driver takes
+   * its quirk path or asks again), or undefined when this fast path does not
+   * apply (a check fails, remaps are deferred, no native helper): the caller
+   * then does the lookup and _mapHcAt() one by one, which reports any error in
+   * the usual order.
+   */
+  _mapOneAt(buf: Uint8Array, off: number, gpa: number | bigint, page: number): number | undefined {
+    if (this.#closed || this.#pending !== null || !libc.mapOneNative()) return undefined;
+    const tok = this._tokens.peekAt(buf, off);
+    if (tok === undefined) return undefined;
+    const vm = tok.vm;
+    if (!vm.hooked || vm.removed) return undefined;
+    let gpaPage: number | bigint, where;
+    if (typeof gpa === 'number') {
+      gpaPage = gpa - (gpa % PS);
+      where = vm.memory.resolve(BigInt(gpaPage), PS);
+    } else {
+      const p = gpa - (gpa % BigInt(PS));
+      gpaPage = p <= MAX_SAFE ? Number(p) : p;
+      where = vm.memory.resolve(p, PS);
+    }
+    if (where === null || page === 0 || page + PS > USER_LIMIT || this.#maps.has(page)) return undefined;
+    const r = libc.mapOne(where.writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, page, PS, where.fd, where.offset);
+    if (r > 0) return r; // no page there: no hypercall
+    // The hypercall: the token is used, the page booked (remapped just now).
+    this.#counters.mapHypercalls++;
+    this._tokens.take(tok);
+    this.#counters.remapCalls++;
+    this.#counters.remappedPages++;
+    if (r < 0) {
+      this.#freshOrLog(page, 1);
+      return r;
+    }
+    this.#maps.set(page, { vm, gpa: gpaPage });
+    vm._mapped++;
+    return 0;
+  }
+
   #book(vm: ModelVm, gpaPage: number | bigint, where: { fd: number; offset: number; writable: boolean }, page: number): number {
     // v6 remote mapping: the same introspector page mapped twice.
     if (this.#maps.has(page)) return -EALREADY;
-    const rec: MapRec = { page, vm, gpa: gpaPage };
-    this.#maps.set(page, rec);
-    vm._pages.add(page);
+    this.#maps.set(page, { vm, gpa: gpaPage });
+    vm._mapped++;
     if (this.#pending !== null) {
       this.#pending.set(page, { kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable });
       return 0;
     }
     const r = this.#remapRun({ kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable }, page, 1);
     if (r < 0) {
-      this.#dropMapping(rec);
+      this.#dropMapping(page);
       this.#freshOrLog(page, 1);
       return r;
     }
@@ -334,15 +378,17 @@ export class ModelHost {
   }
 
   #unmapPage(page: number): number {
-    const rec = this.#maps.get(page);
-    if (rec === undefined) return -KVM_ENOENT;
-    this.#dropMapping(rec);
+    if (!this.#dropMapping(page)) return -KVM_ENOENT;
     return this.#fresh(page);
   }
 
-  #dropMapping(rec: MapRec): void {
-    this.#maps.delete(rec.page);
-    rec.vm._pages.delete(rec.page);
+  /** Removes the mapping at `page` from the host's list; false if there is none. */
+  #dropMapping(page: number): boolean {
+    const rec = this.#maps.get(page);
+    if (rec === undefined) return false;
+    this.#maps.delete(page);
+    rec.vm._mapped--;
+    return true;
   }
 
   /** A fresh zeroed page at `page` now, or queued in a batch. */
@@ -410,8 +456,7 @@ export class ModelHost {
         const run = runs[i]!;
         for (let k = 0; k < run.pages; k++) {
           const p = run.page + k * PS;
-          const rec = this.#maps.get(p);
-          if (rec !== undefined) this.#dropMapping(rec);
+          this.#dropMapping(p);
           failures.set(p, res[i]!);
         }
         this.#freshOrLog(run.page, run.pages);
@@ -468,25 +513,30 @@ export class ModelHost {
 
   /** The host's {introspector page, VM, gpa} list. */
   mappings(): HostMapping[] {
-    return [...this.#maps.values()].map((r) => ({ introspectorPage: BigInt(r.page), vm: r.vm, gpa: BigInt(r.gpa) }));
+    return [...this.#maps].map(([page, r]) => ({ introspectorPage: BigInt(page), vm: r.vm, gpa: BigInt(r.gpa) }));
   }
 
   /** The mapping at an introspector page, if any. */
   mappingAt(introspectorPage: bigint): HostMapping | undefined {
     if (introspectorPage < 0n || introspectorPage >= BigInt(USER_LIMIT)) return undefined;
-    const r = this.#maps.get(pageOf(Number(introspectorPage)));
-    return r && { introspectorPage: BigInt(r.page), vm: r.vm, gpa: BigInt(r.gpa) };
+    const page = pageOf(Number(introspectorPage));
+    const r = this.#maps.get(page);
+    return r && { introspectorPage: BigInt(page), vm: r.vm, gpa: BigInt(r.gpa) };
   }
 
-  /** @internal Revokes every page mapped from `vm` (each gets a fresh page). */
+  /**
+   * @internal Revokes every page mapped from `vm` (each gets a fresh page).
+   * The host keeps only a count per VM, so this walks the host's whole list
+   * (O(mappings) per unhook), in mapping order.
+   */
   _revoke(vm: ModelVm): number {
-    const pages = [...vm._pages];
-    if (pages.length === 0) return 0;
+    if (vm._mapped === 0) return 0;
+    const pages: number[] = [];
+    for (const [p, rec] of this.#maps) if (rec.vm === vm) pages.push(p);
     const outer = this.#pending === null;
     if (outer) this._beginDeferral();
     for (const p of pages) {
-      const rec = this.#maps.get(p);
-      if (rec !== undefined) this.#dropMapping(rec);
+      this.#dropMapping(p);
       this.#fresh(p);
     }
     if (outer) this._endDeferral();
@@ -545,8 +595,8 @@ export class ModelVm {
   /** When the VM was created (the handshake's start_time, in seconds). */
   readonly startTime: bigint;
   /** @internal */ readonly _ownsMemory: boolean;
-  /** @internal introspector pages currently mapped from this VM. */
-  readonly _pages = new Set<number>();
+  /** @internal how many introspector pages are currently mapped from this VM (the host's list has them). */
+  _mapped = 0;
   /** @internal */ _removed = false;
   #conn: KvmiConnection | null = null;
   #hooked = false;
@@ -578,7 +628,7 @@ export class ModelVm {
       uuid: this.uuid,
       name: this.name,
       hooked: this.#hooked,
-      mappings: this._pages.size,
+      mappings: this._mapped,
       tokensOutstanding: this.host._tokens.outstanding(this),
     };
   }

@@ -62,6 +62,11 @@ function wipe(e: { pool: Uint8Array; off: number }): void {
   for (let i = 0; i < MEM_TOKEN_SIZE; i++) p[o + i] = 0;
 }
 
+/** An outstanding token as peekAt() found it: its VM. */
+export interface TokenRef<V> {
+  readonly vm: V;
+}
+
 export class TokenStore<V extends object> {
   readonly limit: number;
   readonly ttlMs: number;
@@ -147,6 +152,29 @@ export class TokenStore<V extends object> {
     if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
     if (this.#expired(e, this.#now())) return undefined;
     return e.vm;
+  }
+
+  /**
+   * consumeAt() without its side effects: the entry of the unexpired token at
+   * `offset` of `buf`, or undefined (unknown, or expired: consumeAt() would
+   * then remove it and answer undefined). Hand the entry to take() to use it.
+   */
+  peekAt(buf: Uint8Array, offset: number): TokenRef<V> | undefined {
+    if (!(offset >= 0) || buf.length - offset < MEM_TOKEN_SIZE) return undefined;
+    const e = this.#byKey.get(keyOf(buf, offset));
+    if (e === undefined) return undefined;
+    const p = e.pool, o = e.off;
+    for (let i = 0; i < MEM_TOKEN_SIZE; i++) if (p[o + i] !== buf[offset + i]) return undefined;
+    if (this.#expired(e, this.#now())) return undefined;
+    return e;
+  }
+
+  /** Removes a token peekAt() found (what consumeAt() does to it), with no other check. */
+  take(ref: TokenRef<V>): void {
+    const e = ref as Entry<V>;
+    if (this.#byKey.get(e.key) !== e) return;
+    this.#delete(e);
+    if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
   }
 
   /** Unexpired outstanding tokens, for one VM or all. */

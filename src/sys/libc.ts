@@ -390,9 +390,9 @@ export function batchAvailable(): boolean {
       try {
         ffiOpen({ library: BATCH, path });
         const v = load({ library: BATCH, funcName: 'kvmmem_batch_abi_version', retType: I32, paramsType: [], paramsValue: [] }) as number;
-        batchState = v === 1 || v === 2 ? 'loaded' : 'absent';
+        batchState = v === 1 || v === 2 || v === 3 ? 'loaded' : 'absent';
         batchAbi = batchState === 'loaded' ? v : 0;
-        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1 or 2: ignored', path, v);
+        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1, 2 or 3: ignored', path, v);
         else if (v < 2) debug('native batch helper at %s is ABI 1 (no single remaps): rebuild it with `npm run build:native`', path);
       } catch (e) {
         batchState = 'absent';
@@ -489,6 +489,28 @@ export function remapOne(kind: number, addr: number, length: number, fd: number,
     ? mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
     : mmapRaw(addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
   return r < 0 ? r : mlockRaw(addr, length);
+}
+
+/** What mapOne() found: the page was present (then `remap` holds the remap's 0 or -errno), or not. */
+export const MAP_ONE_UNMAPPED = 1, MAP_ONE_ABSENT = 2, MAP_ONE_UNKNOWN = 3;
+
+/** Whether mapOne() is one native call (batch helper ABI 3). */
+export function mapOneNative(): boolean {
+  return batchAbi >= 3 || (batchState === 'unknown' && batchAvailable() && (batchAbi as number) >= 3);
+}
+
+/**
+ * The model's single MAP in one native call (batch helper ABI 3): mincore of the
+ * page at `addr` (find_vma/follow_page), then, only if a page is present there,
+ * remapOne(kind, addr, length, fd, offset). Returns the remap's 0 or -errno when
+ * the page was present, else MAP_ONE_UNMAPPED (mincore ENOMEM), MAP_ONE_ABSENT
+ * (not resident) or MAP_ONE_UNKNOWN (mincore failed otherwise); in those cases
+ * nothing was remapped. Only when mapOneNative(); callers fall back to
+ * mincore() then remapOne().
+ */
+export function mapOne(kind: number, addr: number, length: number, fd: number, offset: number): number {
+  return load({ library: BATCH, funcName: 'kvmmem_map_one', retType: I32,
+    paramsType: [I32, U64, U64, I32, I64], paramsValue: [kind, addr, length, fd, offset] }) as number;
 }
 
 /**
