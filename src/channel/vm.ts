@@ -16,7 +16,7 @@ import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
 import {
-  decodeEvent, decodeGetVersionReply, decodeMsgHdr, encodeControlVmEvents, encodeEventReply, encodeMessage, encodeMsgHdr,
+  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMessage,
   kvmiMessageName, ERROR_CODE_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
   KVMI_IDS, MSG_HDR_SIZE, MSG_MAX_BODY_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
 } from '../abi/kvmi.js';
@@ -37,6 +37,7 @@ const MAX_ABANDONED = 256;
 export const HOST_TOKEN_LIMIT: Readonly<Record<KvmiProtocol, number>> = Object.freeze({ v4: Infinity, v6: 8 });
 
 const EMPTY = Buffer.alloc(0);
+const TOKEN_OPTIONS: RequestOptions = Object.freeze({ expect: MEM_TOKEN_SIZE });
 const noop = () => {};
 /** n empty bodies (KVMI_GET_MAP_TOKEN has none), shared: never written to. */
 let emptyBodies: Uint8Array[] = [];
@@ -90,8 +91,18 @@ interface Group {
   left: number;
 }
 
+/** One getMapTokensSettled() call: its requests settle straight into `out` (no closure per request). */
+interface TokenBatch {
+  out: (Uint8Array | Error)[];
+  left: number;
+  resolve(out: (Uint8Array | Error)[]): void;
+}
+
 interface Pending extends Expectation {
   seq: number;
+  /** Set for requests of a token batch (then resolve/reject are unused); k = index in it. */
+  batch: TokenBatch | null;
+  k: number;
   /** Gets the reply's data (after kvmi_error_code), as a view into the receive buffer: copy it to keep it. */
   resolve(data: Buffer): void;
   reject(e: Error): void;
@@ -276,13 +287,12 @@ export class Vm extends EventEmitter {
       return bodies.map(() => Promise.reject(new VmGoneError(reason, { vm: this.#label(), syscall: name })));
     }
     const promises = new Array<Promise<Buffer>>(bodies.length);
-    const copy = (resolve: (b: Buffer) => void) => (data: Buffer) => resolve(Buffer.from(data));
     this.#send(id, name, bodies, options, (k, p) => {
       promises[k] = new Promise<Buffer>((resolve, reject) => {
-        p.resolve = copy(resolve);
+        p.resolve = (data: Buffer) => resolve(Buffer.from(data));
         p.reject = reject;
       });
-    });
+    }, null);
     return promises;
   }
 
@@ -291,7 +301,7 @@ export class Vm extends EventEmitter {
    * registered), registers them under one shared timer, and writes them at once.
    * `bind(k, p)` sets request k's callbacks.
    */
-  #send(id: number, name: string, bodies: readonly Uint8Array[], options: RequestOptions, bind: (k: number, p: Pending) => void): void {
+  #send(id: number, name: string, bodies: readonly Uint8Array[], options: RequestOptions, bind: ((k: number, p: Pending) => void) | null, batch: TokenBatch | null): void {
     const timeoutMs = options.timeoutMs ?? this.#requestTimeoutMs;
     let total = 0;
     for (const body of bodies) {
@@ -307,11 +317,14 @@ export class Vm extends EventEmitter {
       const body = bodies[k]!;
       const seq = this.#nextSeq();
       seqs[k] = seq;
-      encodeMsgHdr({ id, size: body.length, seq }, frames, off);
+      // kvmi_msg_hdr { u16 id; u16 size; u32 seq } (id and size checked above)
+      frames.writeUInt16LE(id, off);
+      frames.writeUInt16LE(body.length, off + 2);
+      frames.writeUInt32LE(seq, off + 4);
       if (body.length > 0) frames.set(body, off + MSG_HDR_SIZE);
       off += MSG_HDR_SIZE + body.length;
-      const p: Pending = { id, name, expect: options.expect, seq, resolve: noop, reject: noop, group };
-      bind(k, p);
+      const p: Pending = { id, name, expect: options.expect, seq, resolve: noop, reject: noop, group, batch, k };
+      if (bind !== null) bind(k, p);
       this.#pending.set(seq, p);
     }
     if (group !== null) {
@@ -356,16 +369,20 @@ export class Vm extends EventEmitter {
       return Promise.resolve(out);
     }
     return new Promise((resolve) => {
-      let left = n;
-      const settle = (k: number, v: Uint8Array | Error) => {
-        out[k] = v;
-        if (--left === 0) resolve(out);
-      };
-      this.#send(id, name, tokenBodies(n), { expect: MEM_TOKEN_SIZE }, (k, p) => {
-        p.resolve = (data) => settle(k, new Uint8Array(data)); // one copy, out of the receive buffer
-        p.reject = (e) => settle(k, e);
-      });
+      const batch: TokenBatch = { out, left: n, resolve };
+      this.#send(id, name, tokenBodies(n), TOKEN_OPTIONS, null, batch);
     });
+  }
+
+  /** Settles request k of a token batch; `from` = offset of the token in `src` (ignored for an error). */
+  #settleToken(b: TokenBatch, k: number, src: Buffer | null, from: number, err: Error | null): void {
+    if (err !== null) b.out[k] = err;
+    else {
+      const token = new Uint8Array(MEM_TOKEN_SIZE); // each token owns its bytes
+      src!.copy(token, 0, from, from + MEM_TOKEN_SIZE); // one copy, out of the receive buffer
+      b.out[k] = token;
+    }
+    if (--b.left === 0) b.resolve(b.out);
   }
 
   /** KVMI_CONTROL_VM_EVENTS (v6 only; v4 has no such command and rejects with KvmiError ENOSYS). */
@@ -461,7 +478,7 @@ export class Vm extends EventEmitter {
     this.#settled(p);
     this.#abandoned.set(p.seq, { id: p.id, name: p.name, expect: p.expect });
     debug('vm %s: %s seq %d timed out after %d ms', this.#label(), p.name, p.seq, ms);
-    p.reject(new TimeoutError(`${p.name} on VM ${this.#label()}`, ms, {
+    this.#reject(p, new TimeoutError(`${p.name} on VM ${this.#label()}`, ms, {
       syscall: p.name, hint: 'the host did not answer in time: it may be overloaded or stuck; the connection stays open and a late reply is ignored',
     }));
     if (this.#abandoned.size > MAX_ABANDONED) this.#teardown(`the host left ${this.#abandoned.size} requests unanswered`, new TimeoutError(p.name, ms));
@@ -486,29 +503,44 @@ export class Vm extends EventEmitter {
   }
 
   #parse(): void {
-    while (this.#state !== 'gone' && this.#acc.length >= MSG_HDR_SIZE) {
-      const hdr = decodeMsgHdr(this.#acc);
-      const problem = this.#checkHeader(hdr);
-      if (problem !== null) {
-        this.#violation(problem);
-        return;
+    // Frames are walked by offset; #acc is cut once at the end (or before an event,
+    // whose listeners may look at the connection).
+    let acc = this.#acc;
+    let off = 0;
+    const evId = this.#ids.EVENT;
+    while (this.#state !== 'gone' && acc.length - off >= MSG_HDR_SIZE) {
+      // kvmi_msg_hdr { u16 id; u16 size; u32 seq }
+      const id = acc.readUInt16LE(off);
+      const size = acc.readUInt16LE(off + 2);
+      const seq = acc.readUInt32LE(off + 4);
+      const p = id === evId ? undefined : this.#pending.get(seq);
+      // The common case, checked without building any string.
+      if (!(p !== undefined && p.id === id && size >= ERROR_CODE_SIZE
+        && (p.expect === undefined || size === ERROR_CODE_SIZE || size === ERROR_CODE_SIZE + p.expect))) {
+        const problem = this.#headerProblem({ id, size, seq });
+        if (problem !== null) {
+          this.#acc = acc.subarray(off);
+          this.#violation(problem);
+          return;
+        }
       }
-      if (this.#acc.length < MSG_HDR_SIZE + hdr.size) return;
-      const body = this.#acc.subarray(MSG_HDR_SIZE, MSG_HDR_SIZE + hdr.size);
-      this.#acc = this.#acc.length === MSG_HDR_SIZE + hdr.size ? EMPTY : this.#acc.subarray(MSG_HDR_SIZE + hdr.size);
+      const end = off + MSG_HDR_SIZE + size;
+      if (acc.length < end) break;
       this.#received++;
-      if (hdr.id === this.#ids.EVENT) this.#onEvent(hdr.seq, body);
-      else this.#onReply(hdr, body);
+      if (id === evId) {
+        const body = acc.subarray(off + MSG_HDR_SIZE, end);
+        this.#acc = acc = end === acc.length ? EMPTY : acc.subarray(end);
+        off = 0;
+        this.#onEvent(seq, body);
+        if (this.#gone()) return;
+        acc = this.#acc;
+      } else {
+        this.#onReply(seq, p, acc, off + MSG_HDR_SIZE, size);
+        off = end;
+      }
     }
-  }
-
-  /** Header-level checks, so a bad frame is caught before its (maybe never coming) body. */
-  #checkHeader(hdr: MsgHdr): string | null {
-    const p = hdr.id === this.#ids.EVENT ? undefined : this.#pending.get(hdr.seq);
-    // The common case, checked without building any string.
-    if (p !== undefined && p.id === hdr.id && hdr.size >= ERROR_CODE_SIZE
-      && (p.expect === undefined || hdr.size === ERROR_CODE_SIZE || hdr.size === ERROR_CODE_SIZE + p.expect)) return null;
-    return this.#headerProblem(hdr);
+    if (this.#gone()) return;
+    this.#acc = off === 0 ? acc : off === acc.length ? EMPTY : acc.subarray(off);
   }
 
   #headerProblem(hdr: MsgHdr): string | null {
@@ -530,33 +562,39 @@ export class Vm extends EventEmitter {
     return null;
   }
 
-  #onReply(hdr: MsgHdr, body: Buffer): void {
-    const seq = () => `0x${hdr.seq.toString(16)}`;
-    const p = this.#pending.get(hdr.seq);
-    const e = p ?? this.#abandoned.get(hdr.seq)!;
-    const err = body.readInt32LE(0);
-    const padding = body.readUInt32LE(4);
+  /** A reply whose header passed the checks: its body is buf[at, at + size). */
+  #onReply(seqNo: number, p: Pending | undefined, buf: Buffer, at: number, size: number): void {
+    const seq = () => `0x${seqNo.toString(16)}`;
+    const e = p ?? this.#abandoned.get(seqNo)!;
+    const err = buf.readInt32LE(at);
+    const padding = buf.readUInt32LE(at + 4);
     if (padding !== 0) {
       this.#violation(`reply to ${e.name} (seq ${seq()}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
       return;
     }
-    if (err !== 0 && body.length !== ERROR_CODE_SIZE) {
-      this.#violation(`error reply to ${e.name} (seq ${seq()}) carries ${body.length - ERROR_CODE_SIZE} bytes of data`);
+    if (err !== 0 && size !== ERROR_CODE_SIZE) {
+      this.#violation(`error reply to ${e.name} (seq ${seq()}) carries ${size - ERROR_CODE_SIZE} bytes of data`);
       return;
     }
-    if (err === 0 && e.expect !== undefined && body.length !== ERROR_CODE_SIZE + e.expect) {
-      this.#violation(`reply to ${e.name} (seq ${seq()}) has ${body.length - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
+    if (err === 0 && e.expect !== undefined && size !== ERROR_CODE_SIZE + e.expect) {
+      this.#violation(`reply to ${e.name} (seq ${seq()}) has ${size - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
       return;
     }
     if (p === undefined) {
-      this.#abandoned.delete(hdr.seq);
+      this.#abandoned.delete(seqNo);
       debug('vm %s: late reply to %s seq %s dropped', this.#label(), e.name, seq());
       return;
     }
-    this.#pending.delete(hdr.seq);
+    this.#pending.delete(seqNo);
     this.#settled(p);
-    if (err !== 0) p.reject(new KvmiError(err, p.name, { seq: hdr.seq, vm: this.#label() }));
-    else p.resolve(body.subarray(ERROR_CODE_SIZE));
+    if (err !== 0) this.#reject(p, new KvmiError(err, p.name, { seq: seqNo, vm: this.#label() }));
+    else if (p.batch !== null) this.#settleToken(p.batch, p.k, buf, at + ERROR_CODE_SIZE, null);
+    else p.resolve(buf.subarray(at + ERROR_CODE_SIZE, at + size));
+  }
+
+  #reject(p: Pending, e: Error): void {
+    if (p.batch !== null) this.#settleToken(p.batch, p.k, null, 0, e);
+    else p.reject(e);
   }
 
   /** p left #pending: the last of its group stops the group's timer. */
@@ -653,7 +691,7 @@ export class Vm extends EventEmitter {
         clearTimeout(p.group.timer);
         p.group.timer = null;
       }
-      p.reject(new VmGoneError(reason, { vm: this.#label(), syscall: p.name, ...(error === undefined ? {} : { cause: error }) }));
+      this.#reject(p, new VmGoneError(reason, { vm: this.#label(), syscall: p.name, ...(error === undefined ? {} : { cause: error }) }));
     }
     this.#closeStream(error !== undefined);
     debug('vm %s: gone (%s)', this.#label(), reason);

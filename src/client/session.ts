@@ -6,7 +6,7 @@
 import { debuglog } from 'node:util';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../abi/ioctl.js';
 import { ERRNO } from '../abi/errno.js';
-import { MEM_MAP_SIZE, encodeMemMap } from '../abi/structs.js';
+import { MEM_MAP_SIZE, MEM_TOKEN_SIZE, encodeMemMap } from '../abi/structs.js';
 import type { Device } from '../device/device.js';
 import { ClosedError, KvmmemError, UsageError } from '../errors.js';
 import * as libc from '../sys/libc.js';
@@ -31,6 +31,8 @@ export interface SessionOptions {
 
 /** Smallest batch worth a second round trip in flight (below it, fewer, larger batches win). */
 const PIPELINE_MIN = 32;
+
+const noop = (): void => {};
 
 const DEFAULTS: Required<SessionOptions> = { maxTokensInFlight: 8, retries: 30, retryDelayMs: 1000, deadlineMs: 30_000 };
 
@@ -106,13 +108,10 @@ const finalizer = new FinalizationRegistry<{ session: WeakRef<Session>; rec: Pag
   }
 });
 
-interface Item {
-  gpa: bigint;
-  address: number;
-  tries: number;
-  enoentRetried: boolean;
-  done: boolean;
-}
+/** Per-page flags of one #mapItems call. */
+const ENOENT_RETRIED = 1;
+const DONE = 2;
+const TWO32 = 0x1_0000_0000;
 
 export class Session {
   readonly device: Device;
@@ -122,6 +121,9 @@ export class Session {
   readonly #byVm = new Map<TargetVm, VmIndex>();
   readonly #ref = new WeakRef(this);
   #records = Buffer.alloc(0);
+  #use = new Int32Array(0);
+  /** map()'s liveness check (a single page has no record until mapped). */
+  readonly #pageAlive = (vm: TargetVm): boolean => !this.#closed && vm.state === 'connected';
   #results = new Int32Array(0);
   #unmapValues = Buffer.alloc(0);
   #unmapResults = new Int32Array(0);
@@ -144,9 +146,8 @@ export class Session {
     const base = pageBase(toAddress(gpa, 'gpa'));
     this.#check(vm);
     const slot = pagePool.take();
-    const item: Item = { gpa: base, address: slot.address, tries: 0, enoentRetried: false, done: false };
     try {
-      await this.#mapItems(vm, [item], () => !this.#closed && vm.state === 'connected');
+      await this.#mapItems(vm, base, slot.address, 1, this.#pageAlive);
     } catch (e) {
       pagePool.give(slot);
       throw e;
@@ -180,12 +181,8 @@ export class Session {
     // Registered before the first await, so an unhook or close in the middle finds it.
     this.#ranges.add(rec);
     this.#index(vm).ranges.add(rec);
-    const items: Item[] = new Array(pages);
-    for (let i = 0; i < pages; i++) {
-      items[i] = { gpa: first + BigInt(i * PAGE_SIZE), address: window.address + i * PAGE_SIZE, tries: 0, enoentRetried: false, done: false };
-    }
     try {
-      await this.#mapItems(vm, items, () => rec.dead === null, (i) => { rec.mapped[i] = 1; rec.live++; this.#stats.live++; });
+      await this.#mapItems(vm, first, window.address, pages, rec);
     } catch (e) {
       if (rec.dead === null) this._unmapRange(rec, 'unmapped');
       else this.#forgetRange(rec);
@@ -371,23 +368,32 @@ export class Session {
    * batch's MAPs consumed its tokens, so the host never holds more than the
    * budget unconsumed. Below that (v6: 8 tokens), one full batch per round trip.
    */
-  async #mapItems(vm: TargetVm, items: Item[], alive: () => boolean, onMapped?: (i: number) => void): Promise<void> {
+  async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, target: RangeRecord | ((vm: TargetVm) => boolean)): Promise<void> {
     const o = this.options;
     const t0 = Date.now();
-    let pending = items.map((_, i) => i);
+    const range = typeof target === 'function' ? null : target;
+    const alive = range === null ? target as (vm: TargetVm) => boolean : () => range.dead === null;
+    // gpa of page i = gpaHi * 2^32 + gpaLo + i * PAGE_SIZE, in exact numbers (no bigint per page)
+    const gpaHi = Number(gpa0 / BigInt(TWO32));
+    const gpaLo = Number(gpa0 % BigInt(TWO32));
+    const tries = new Uint32Array(count);
+    const flags = new Uint8Array(count);
+    let pending = new Int32Array(count);
+    for (let i = 0; i < count; i++) pending[i] = i;
     let budget = o.maxTokensInFlight;
     let delay = 1;
     let lastTransient: Error | null = null;
+    const rollback = (err: unknown): unknown => this.#rollback(count, flags, addr0, err);
     while (pending.length > 0) {
       const next: number[] = [];
       let transient = false;
       const depth = budget >= 2 * PIPELINE_MIN && pending.length > budget ? 2 : 1;
       const size = depth === 2 ? Math.ceil(budget / 2) : budget;
       let off = 0;
-      const inflight: { chunk: number[]; got: Promise<(Uint8Array | Error)[]> }[] = [];
+      const inflight: { chunk: Int32Array; got: Promise<(Uint8Array | Error)[]> }[] = [];
       const issue = () => {
         if (off >= pending.length) return;
-        const chunk = pending.slice(off, off + size);
+        const chunk = pending.subarray(off, off + size);
         off += chunk.length;
         let got: Promise<(Uint8Array | Error)[]>;
         try {
@@ -395,7 +401,7 @@ export class Session {
         } catch (e) {
           got = Promise.reject(e); // a TargetVm that throws instead of rejecting: handled where awaited
         }
-        got.catch(() => {}); // awaited below; never an unhandled rejection if this call throws first
+        got.catch(noop); // awaited below; never an unhandled rejection if this call throws first
         inflight.push({ chunk, got });
       };
       for (let d = 0; d < depth; d++) issue();
@@ -406,74 +412,90 @@ export class Session {
           got = await gotP;
         } catch (e) {
           this.#aliveOrThrow(vm, alive);
-          throw this.#rollback(items, e);
+          throw rollback(e);
         }
         this.#stats.tokenRoundTrips++;
         this.#aliveOrThrow(vm, alive);
         // Use every token that came back; requests the host refused (EAGAIN: over its
         // outstanding limit) go round again with a smaller batch.
-        const { records, results } = this.#scratch(chunk.length);
-        const use: number[] = [];
+        const { records, results, use } = this.#scratch(chunk.length);
         let n = 0;
         for (let k = 0; k < chunk.length; k++) {
           const g = got[k]!;
+          const i = chunk[k]!;
           if (g instanceof Uint8Array) {
-            const it = items[chunk[k]!]!;
-            encodeMemMap({ token: g, gpa: it.gpa, gva: BigInt(it.address) }, records, n++ * MEM_MAP_SIZE);
-            it.tries++;
-            use.push(chunk[k]!);
+            const at = n * MEM_MAP_SIZE;
+            const x = gpaLo + i * PAGE_SIZE;
+            const hi = gpaHi + Math.floor(x / TWO32);
+            if (hi >= TWO32 || g.length !== MEM_TOKEN_SIZE) {
+              // not a token, or past 2^64: encodeMemMap throws its typed error
+              encodeMemMap({ token: g, gpa: gpa0 + BigInt(i * PAGE_SIZE), gva: BigInt(addr0 + i * PAGE_SIZE) }, records, at);
+            }
+            records.set(g, at);
+            records.writeUInt32LE(x >>> 0, at + 32);
+            records.writeUInt32LE(hi, at + 36);
+            const a = addr0 + i * PAGE_SIZE; // < 2^47: two exact u32 halves
+            records.writeUInt32LE(a >>> 0, at + 40);
+            records.writeUInt32LE(Math.floor(a / TWO32), at + 44);
+            tries[i]!++;
+            use[n++] = i;
           } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
-            next.push(chunk[k]!);
+            next.push(i);
             transient = true;
             lastTransient = g;
           } else {
-            throw this.#rollback(items, g);
+            throw rollback(g);
           }
         }
         got.length = 0;
-        if (use.length < chunk.length && budget > 1) {
+        if (n < chunk.length && budget > 1) {
           // Over the host's limit (someone else holds tokens of this VM too): shrink, and
           // stop issuing in this pass (what is in flight is still used; the rest goes round again).
-          budget = Math.max(1, use.length);
+          budget = Math.max(1, n);
           for (let k = off; k < pending.length; k++) next.push(pending[k]!);
           off = pending.length;
         }
-        this.#stats.tokens += use.length;
-        if (use.length > 0) {
-          this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, use.length, results);
-          records.fill(0, 0, use.length * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+        this.#stats.tokens += n;
+        if (n > 0) {
+          this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, n, results);
+          records.fill(0, 0, n * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
         }
         // Record every success of the batch before acting on a failure, so rollback sees them all.
         let fatal: unknown = null;
-        for (let k = 0; k < use.length; k++) {
-          const idx = use[k]!;
-          const it = items[idx]!;
+        let mapped = 0;
+        for (let k = 0; k < n; k++) {
+          const i = use[k]!;
           const r = results[k]!;
           if (r >= 0) {
-            it.done = true;
-            this.#stats.maps++;
-            onMapped?.(idx);
-          } else if (r === -ERRNO.ENOENT && !it.enoentRetried && vm.state === 'connected') {
-            it.enoentRetried = true;
+            flags[i]! |= DONE;
+            mapped++;
+            if (range !== null) range.mapped[i] = 1;
+          } else if (r === -ERRNO.ENOENT && (flags[i]! & ENOENT_RETRIED) === 0 && vm.state === 'connected') {
+            flags[i]! |= ENOENT_RETRIED;
             this.#stats.retries++;
-            next.push(idx);
-          } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && it.tries < o.retries && Date.now() - t0 < o.deadlineMs) {
+            next.push(i);
+          } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && tries[i]! < o.retries && Date.now() - t0 < o.deadlineMs) {
             this.#stats.retries++;
             transient = true;
-            next.push(idx);
+            next.push(i);
           } else {
             fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
-              ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, it.tries, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
+              ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, tries[i]!, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
               : vm.state !== 'connected' ? vmGoneError(vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
           }
         }
-        if (fatal !== null) throw this.#rollback(items, fatal);
+        this.#stats.maps += mapped;
+        if (range !== null) {
+          range.live += mapped;
+          this.#stats.live += mapped;
+        }
+        if (fatal !== null) throw rollback(fatal);
         // The MAPs consumed this batch's tokens: room for the next request.
         issue();
       }
-      pending = next;
+      pending = Int32Array.from(next);
       if (pending.length > 0 && transient) {
-        if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw this.#rollback(items, lastTransient);
+        if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw rollback(lastTransient);
         await new Promise((res) => setTimeout(res, delay));
         delay = Math.min(delay * 2, o.retryDelayMs);
         if (!this.#aliveOrThrow(vm, alive)) break;
@@ -496,28 +518,29 @@ export class Session {
     return { values: this.#unmapValues, results: this.#unmapResults };
   }
 
-  #scratch(n: number): { records: Buffer; results: Int32Array } {
+  #scratch(n: number): { records: Buffer; results: Int32Array; use: Int32Array } {
     if (this.#records.length < n * MEM_MAP_SIZE) {
       this.#records = Buffer.alloc(n * MEM_MAP_SIZE);
       this.#results = new Int32Array(n);
+      this.#use = new Int32Array(n);
       libc.pin(this.#records);
       libc.pin(this.#results);
     }
-    return { records: this.#records, results: this.#results };
+    return { records: this.#records, results: this.#results, use: this.#use };
   }
 
   /** After an await: is the mapping still wanted? Throws the right error when not. */
-  #aliveOrThrow(vm: TargetVm, alive: () => boolean): boolean {
+  #aliveOrThrow(vm: TargetVm, alive: (vm: TargetVm) => boolean): boolean {
     if (this.#closed) throw new ClosedError('session');
-    if (vm.state !== 'connected' || !alive()) throw vmGoneError(vm);
+    if (vm.state !== 'connected' || !alive(vm)) throw vmGoneError(vm);
     return true;
   }
 
-  /** Unmaps what `items` mapped so far (single-page calls; ranges unmap through their record). */
-  #rollback(items: Item[], err: unknown): unknown {
-    if (items.length === 1 && items[0]!.done && !this.#closed) {
-      this.#unmapOne(items[0]!.address);
-      items[0]!.done = false;
+  /** Unmaps what a #mapItems call mapped so far (single-page calls; ranges unmap through their record). */
+  #rollback(count: number, flags: Uint8Array, addr0: number, err: unknown): unknown {
+    if (count === 1 && (flags[0]! & DONE) !== 0 && !this.#closed) {
+      this.#unmapOne(addr0);
+      flags[0]! &= ~DONE;
     }
     return err;
   }
