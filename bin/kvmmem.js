@@ -1,13 +1,13 @@
 #!/usr/bin/env node
-// Runs the compiled CLI when the package is built (npm run build), else the
-// TypeScript sources through tsx (a fresh checkout after `npm install`).
+// In a checkout (src/ present) runs the TypeScript sources through tsx, so the
+// command never lags behind an edit; an installed package (no src/) runs dist/.
 import { existsSync } from 'node:fs';
 
-const dist = new URL('../dist/cli/main.js', import.meta.url);
-if (existsSync(dist)) {
-  await import(dist.href);
-} else {
+const src = new URL('../src/cli/main.ts', import.meta.url);
+if (existsSync(src)) {
   const { register } = await import('tsx/esm/api');
   register();
-  await import(new URL('../src/cli/main.ts', import.meta.url).href);
+  await import(src.href);
+} else {
+  await import(new URL('../dist/cli/main.js', import.meta.url).href);
 }
