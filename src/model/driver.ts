@@ -16,8 +16,8 @@
  *   bug; it is kept (and checked) to mirror the C critical sections.
  *
  * Deliberate difference: the list walk. map_list is a slab of entries in typed
- * arrays linked in list order (insertion order) plus an index vaddr -> first
- * entry in list order (further entries with that vaddr chained after it), so
+ * arrays linked in list order (insertion order) plus an index page -> its
+ * entries in list order (a chain searched for the exact vaddr), so
  * MAP, UNMAP and release are O(1) per page while UNMAP still takes the *first
  * entry in list order whose vaddr equals the argument exactly*, as the C loop
  * does.
@@ -30,7 +30,7 @@ import { MEM_MAP_SIZE, PAGE_SIZE } from '../abi/structs.js';
 import { DeviceError } from '../errors.js';
 import type { IoctlArg } from '../device/device.js';
 import type { ModelHost } from './host.js';
-import { USER_LIMIT, access_ok, copy_from_user, pageOf, pageState, pageStates, type PageState } from './uaccess.js';
+import { USER_LIMIT, copy_from_user, pageOf, pageState, type PageState } from './uaccess.js';
 
 const debug = debuglog('kvmmem');
 const { EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
@@ -45,31 +45,64 @@ const u64big = (b: Uint8Array, off: number): bigint => (BigInt(u32(b, off + 4)) 
 /** C: IS_ERR_VALUE(x) — a negative errno. */
 const IS_ERR_VALUE = (x: number) => x < 0 && x >= -4095;
 
+/** Per-record page states of a MAP batch (prefetchStates): not looked up yet, absent, present. */
+const ST_UNKNOWN = 0, ST_ABSENT = 2, ST_PRESENT = 3;
+
 /**
  * The find_vma/follow_page answers for every page a MAP batch names, with one
- * mincore() per span of nearby pages instead of one per record. Valid for the
- * whole batch: its remaps are deferred to the end, so no page changes state
- * meanwhile. A span with a hole in it (ENOMEM) is left out: those pages are
- * looked up one by one, exactly as without the cache.
+ * mincore() per span of nearby pages instead of one per record, as one state
+ * per record (ST_*). Valid for the whole batch: its remaps are deferred to the
+ * end, so no page changes state meanwhile. A span with a hole in it (ENOMEM)
+ * is left out (ST_UNKNOWN): those pages are looked up one by one, exactly as
+ * without the cache.
  */
-function prefetchStates(args: Uint8Array, stride: number, count: number): Map<number, PageState> {
-  const dv = new DataView(args.buffer, args.byteOffset, args.byteLength);
-  const pages: number[] = [];
+function prefetchStates(args: Uint8Array, stride: number, count: number): Uint8Array {
+  const states = new Uint8Array(count);
+  const recPage = new Float64Array(count).fill(-1);
+  const pages = new Float64Array(count);
+  let m = 0, ordered = true;
   for (let i = 0; i < count; i++) {
     const at = i * stride + 40; // kvmi_mem_map.gva
     if (at + 8 > args.length) break;
-    const gva = dv.getBigUint64(at, true);
-    if (access_ok(gva, PAGE_SIZE)) pages.push(pageOf(Number(gva)));
+    const hi = u32(args, at + 4);
+    if (hi >= 0x8000) continue; // access_ok fails (>= 2^47)
+    const gva = hi * 0x100000000 + u32(args, at);
+    if (gva + PAGE_SIZE > USER_LIMIT) continue;
+    const page = pageOf(gva);
+    recPage[i] = page;
+    if (m > 0 && page < pages[m - 1]!) ordered = false;
+    pages[m++] = page;
   }
-  pages.sort((a, b) => a - b);
-  const states = new Map<number, PageState>();
+  const sorted = ordered ? pages.subarray(0, m) : pages.subarray(0, m).sort();
+  const sortedState = new Uint8Array(m);
   const GAP = 16 * PAGE_SIZE, MAX_SPAN = 1 << 20; // pages
   let i = 0;
-  while (i < pages.length) {
+  while (i < m) {
     let j = i;
-    while (j + 1 < pages.length && pages[j + 1]! - pages[j]! <= GAP && (pages[j + 1]! - pages[i]!) / PAGE_SIZE < MAX_SPAN) j++;
-    pageStates(pages[i]!, (pages[j]! - pages[i]!) / PAGE_SIZE + 1, states);
+    while (j + 1 < m && sorted[j + 1]! - sorted[j]! <= GAP && (sorted[j + 1]! - sorted[i]!) / PAGE_SIZE < MAX_SPAN) j++;
+    const first = sorted[i]!, n = (sorted[j]! - first) / PAGE_SIZE + 1;
+    const vec = new Uint8Array(n);
+    if (libc.mincore(first, n * PAGE_SIZE, vec) === 0) {
+      for (let k = i; k <= j; k++) sortedState[k] = (vec[(sorted[k]! - first) / PAGE_SIZE]! & 1) === 1 ? ST_PRESENT : ST_ABSENT;
+    }
     i = j + 1;
+  }
+  // Back to record order: the same positions when the records were in page order, else a binary search.
+  let k = 0;
+  for (let r = 0; r < count; r++) {
+    const page = recPage[r]!;
+    if (page < 0) continue;
+    if (ordered) {
+      states[r] = sortedState[k++]!;
+      continue;
+    }
+    let lo = 0, hi = m - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (sorted[mid]! < page) lo = mid + 1;
+      else hi = mid;
+    }
+    states[r] = sortedState[lo]!;
   }
   return states;
 }
@@ -92,6 +125,9 @@ type Slot = number;
 const NIL = -1;
 /** #prev of a slot on the free list (not in map_list). */
 const FREE = -2;
+/** FileMap's vaddr index: chunks of CHUNK_PAGES pages (2 MiB), keyed by vaddr / 2 MiB (< 2^26). */
+const CHUNK_PAGES = 512;
+const CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE;
 
 /** struct mutex, as far as one JS thread can use it. */
 class Mutex {
@@ -111,11 +147,14 @@ class Mutex {
  *
  * map_list is a slab of struct page_map entries in parallel typed arrays (no JS
  * object per entry): a doubly linked list through #next/#prev in list order
- * (insertion order), freed slots kept on a free list. The index #byVaddr maps a
- * vaddr to the first slot in list order with exactly that vaddr; further slots
- * with the same vaddr (quirk and stale entries) are chained through #same, in
- * list order, so UNMAP's "first entry in list order whose vaddr equals the
- * argument" is one Map lookup.
+ * (insertion order), freed slots kept on a free list. The index #byVaddr holds,
+ * for each page, the first slot in list order whose vaddr lies in that page;
+ * every further slot in the same page (quirk and stale entries, or another
+ * unaligned vaddr) is chained after it through #same, in list order, so UNMAP's
+ * "first entry in list order whose vaddr equals the argument" is one chunk
+ * lookup and a walk of that page's chain (normally one entry). Pages are
+ * grouped in 2 MiB chunks (Int32Array per chunk, keyed by vaddr / 2 MiB: a
+ * small integer), so nothing is allocated per entry.
  */
 export class FileMap {
   /** C: fmp->file (the open file; here whatever the opener passed). */
@@ -135,7 +174,12 @@ export class FileMap {
   #same = new Int32Array(0);
   readonly #bigGpa = new Map<Slot, bigint>();
   /** vaddr -> the first slot in list order with that vaddr. */
-  readonly #byVaddr = new Map<number, Slot>();
+  readonly #byVaddr = new Map<number, Int32Array>();
+  /** The #byVaddr chunk looked up last (batches walk adjacent pages). */
+  #lastKey = -1;
+  #lastChunk: Int32Array | undefined;
+  /** The last chunk that emptied (single MAP/UNMAP pairs reuse it). */
+  #spare: Int32Array | undefined;
   #head: Slot = NIL;
   #tail: Slot = NIL;
   #free: Slot = NIL;
@@ -195,13 +239,25 @@ export class FileMap {
     else this.#next[this.#tail] = s;
     this.#tail = s;
     this.#same[s] = NIL;
-    const first = this.#byVaddr.get(vaddr);
-    if (first === undefined) this.#byVaddr.set(vaddr, s);
+    let c = this.#chunkOf(vaddr);
+    if (c === undefined) {
+      const key = Math.floor(vaddr / CHUNK_BYTES);
+      c = this.#spare ?? new Int32Array(CHUNK_PAGES + 1).fill(NIL);
+      this.#spare = undefined;
+      c[CHUNK_PAGES] = 0;
+      this.#byVaddr.set(key, c);
+      this.#lastKey = key;
+      this.#lastChunk = c;
+    }
+    const i = Math.floor((vaddr % CHUNK_BYTES) / PAGE_SIZE);
+    const first = c[i]!;
+    if (first === NIL) c[i] = s;
     else {
       let t = first;
       while (this.#same[t] !== NIL) t = this.#same[t]!;
       this.#same[t] = s;
     }
+    c[CHUNK_PAGES]!++;
     this.#size++;
     return s;
   }
@@ -215,14 +271,20 @@ export class FileMap {
     if (next === NIL) this.#tail = prev;
     else this.#prev[next] = prev;
     const vaddr = this.#vaddr[s]!;
-    const first = this.#byVaddr.get(vaddr)!;
-    if (first === s) {
-      if (this.#same[s] === NIL) this.#byVaddr.delete(vaddr);
-      else this.#byVaddr.set(vaddr, this.#same[s]!);
-    } else {
+    const c = this.#chunkOf(vaddr)!;
+    const i = Math.floor((vaddr % CHUNK_BYTES) / PAGE_SIZE);
+    const first = c[i]!;
+    if (first === s) c[i] = this.#same[s]!;
+    else {
       let t = first;
       while (this.#same[t] !== s) t = this.#same[t]!;
       this.#same[t] = this.#same[s]!;
+    }
+    if (--c[CHUNK_PAGES]! === 0) {
+      this.#byVaddr.delete(Math.floor(vaddr / CHUNK_BYTES));
+      this.#lastKey = -1;
+      this.#lastChunk = undefined;
+      this.#spare = c; // (every page's chain is empty: reused by the next new chunk)
     }
     if (this.#gpa[s] !== this.#gpa[s]) this.#bigGpa.delete(s);
     this.#prev[s] = FREE;
@@ -242,7 +304,25 @@ export class FileMap {
 
   /** @internal _find() of an exact number vaddr (< 2^53). */
   _findN(vaddr: number): Slot {
-    return this.#byVaddr.get(vaddr) ?? NIL;
+    const c = this.#chunkOf(vaddr);
+    if (c === undefined) return NIL;
+    // the page's chain is in list order: its first entry with exactly this vaddr
+    for (let t = c[Math.floor((vaddr % CHUNK_BYTES) / PAGE_SIZE)]!; t !== NIL; t = this.#same[t]!) {
+      if (this.#vaddr[t] === vaddr) return t;
+    }
+    return NIL;
+  }
+
+  /** The #byVaddr chunk holding `vaddr`, if it has entries. */
+  #chunkOf(vaddr: number): Int32Array | undefined {
+    const key = Math.floor(vaddr / CHUNK_BYTES);
+    if (key === this.#lastKey) return this.#lastChunk;
+    const c = this.#byVaddr.get(key);
+    if (c !== undefined) {
+      this.#lastKey = key;
+      this.#lastChunk = c;
+    }
+    return c;
   }
 
   /** @internal the listed slots in list order, for release. */
@@ -261,6 +341,8 @@ export class FileMap {
   /** @internal drop every entry (and the slab). */
   _clear(): void {
     this.#byVaddr.clear();
+    this.#lastKey = -1;
+    this.#lastChunk = undefined;
     this.#bigGpa.clear();
     this.#vaddr = new Float64Array(0);
     this.#page = new Float64Array(0);
@@ -306,8 +388,10 @@ export class KvmiMemDriver {
   #lastMapped: Slot = NIL;
   /** pmap->paddr as _do_mapping left it (0 for the quirks). */
   #paddr = 0;
-  /** During a MAP batch: page states looked up once for the whole batch (see prefetchStates). */
-  #states: Map<number, PageState> | null = null;
+  /** During a MAP batch: page states looked up once for the whole batch, per record (see prefetchStates). */
+  #states: Uint8Array | null = null;
+  /** During a MAP batch: the index of the record being mapped. */
+  #rec = 0;
   readonly #table: ReadonlyMap<number, IoctlHandler>;
 
   /** C: kvm_intro_guest_init() — -EPERM when paravirt is not available. */
@@ -431,8 +515,12 @@ export class KvmiMemDriver {
     // C: down_read(&current->mm->mmap_sem);  (nothing to take here)
     const page = pageOf(gva);
     this.#paddr = 0;
-    let state = this.#states?.get(page);
-    if (state === undefined && this.#states === null) {
+    let state: PageState | undefined;
+    if (this.#states !== null) {
+      const st = this.#states[this.#rec];
+      if (st === ST_PRESENT) state = 'present';
+      else if (st === ST_ABSENT) state = 'absent';
+    } else {
       // Outside batches: find_vma/follow_page and, only when a page is present there, the
       // whole MAP hypercall with its remap, in one native call (host._mapOneAt). The host
       // validates first without side effects; whenever it cannot (an error to report, a
@@ -564,6 +652,7 @@ export class KvmiMemDriver {
       if (created !== null) {
         for (let i = 0; i < count; i++) {
           this.#lastMapped = NIL;
+          this.#rec = i;
           const off = i * stride;
           // Records cut short by the end of the buffer: copy_from_user fails (-EFAULT).
           results[i] = off + MEM_MAP_SIZE <= args.length ? this.#kvm_dev_ioctl_map(fmp, args, off) : -EFAULT;

@@ -123,16 +123,32 @@ export interface HookArgs {
   uuid?: Uint8Array | string;
 }
 
-/** One mapping of the host's list; the introspector page is its key in #maps. */
+/** One mapping of the host's list (what #mapGet() answers for an introspector page). */
 interface MapRec {
   vm: ModelVm;
   /** Target gpa page: a number when exact (< 2^53), else the bigint. */
   gpa: number | bigint;
 }
 
-type PendingOp =
-  | { kind: 'shared'; fd: number; offset: number; writable: boolean }
-  | { kind: 'fresh' };
+/**
+ * The host's mapping index: introspector pages in chunks of CHUNK_PAGES
+ * adjacent pages (2 MiB), keyed by address / 2 MiB (a small integer: < 2^26),
+ * each chunk holding the VM and target gpa page of its mapped pages in arrays
+ * indexed by page (no object per mapping).
+ */
+const CHUNK_PAGES = 512;
+const CHUNK_BYTES = CHUNK_PAGES * PS;
+interface Chunk {
+  /** The VM a page is mapped from; undefined: not mapped. */
+  readonly vm: (ModelVm | undefined)[];
+  /** Target gpa page when exact (< 2^53); NaN: see #bigGpa. */
+  readonly gpa: Float64Array;
+  /** Mapped pages in the chunk (the chunk goes when it drops to 0). */
+  n: number;
+}
+
+/** The kind of a queued remap in the deferral log: a fresh page, else fd * 2 + (writable ? 1 : 0). */
+const OP_FRESH = -1;
 
 const VM_HINTS = {
   EPERM: 'introspection is disabled on this host (kvm.introspection=0; here: new ModelHost({ introspection: true }))',
@@ -154,8 +170,26 @@ export class ModelHost {
   /** @internal */
   readonly _tokens: TokenStore<ModelVm>;
   readonly #vms = new Set<ModelVm>();
-  readonly #maps = new Map<number, MapRec>();
-  #pending: Map<number, PendingOp> | null = null;
+  /** The host's list of mappings: see Chunk. */
+  readonly #chunks = new Map<number, Chunk>();
+  /** Target gpa pages >= 2^53, by introspector page. */
+  readonly #bigGpa = new Map<number, bigint>();
+  #mapCount = 0;
+  /** The chunk looked up last (batches walk adjacent pages). */
+  #lastKey = -1;
+  #lastChunk: Chunk | undefined;
+  /** The last chunk that emptied (single MAP/UNMAP pairs reuse it). */
+  #spare: Chunk | undefined;
+  /**
+   * The remaps queued while deferring, in call order, in parallel typed arrays
+   * (no object per page): introspector page, file offset, op (OP_FRESH or
+   * fd * 2 + writable). #pendN is -1 when not deferring. A later op for the
+   * same page replaces an earlier one.
+   */
+  #pendN = -1;
+  #pendPage = new Float64Array(0);
+  #pendOff = new Float64Array(0);
+  #pendOp = new Int32Array(0);
   readonly #counters: HostCounters = { mapHypercalls: 0, unmapHypercalls: 0, remapCalls: 0, remappedPages: 0 };
   #driver: KvmiMemDriver | undefined;
   #closed = false;
@@ -271,7 +305,7 @@ export class ModelHost {
     const page = pageOf(Number(mapGpa));
     if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
     if (!pageChecked && pageState(page) === 'unmapped') return -KVM_EFAULT;
-    return this.#book(vm, gpaPage <= MAX_SAFE ? Number(gpaPage) : gpaPage, where, page);
+    return this.#book(vm, gpaPage <= MAX_SAFE ? Number(gpaPage) : gpaPage, where.fd, where.offset, where.writable, page);
   }
 
   /**
@@ -285,18 +319,29 @@ export class ModelHost {
     const vm = this._tokens.consumeAt(buf, off);
     if (vm === undefined) return -KVM_ENOENT;
     if (!vm.hooked || vm.removed) return -KVM_ENOENT;
+    const mem = vm.memory;
+    if (typeof gpa === 'number') {
+      // (numbers all the way: no bigint, no ResolvedGpa object)
+      const gpaPage = gpa - (gpa % PS);
+      const offset = mem._offsetOfPage(gpaPage);
+      if (offset >= 0) {
+        if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
+        return this.#book(vm, gpaPage, mem.fd, offset, mem.writable, page);
+      }
+      if (offset === -1) return -KVM_EFAULT;
+    }
     let gpaPage: number | bigint, where;
     if (typeof gpa === 'number') {
       gpaPage = gpa - (gpa % PS);
-      where = vm.memory.resolve(BigInt(gpaPage), PS);
+      where = mem.resolve(BigInt(gpaPage), PS);
     } else {
       const p = gpa - (gpa % BigInt(PS));
       gpaPage = p <= MAX_SAFE ? Number(p) : p;
-      where = vm.memory.resolve(p, PS);
+      where = mem.resolve(p, PS);
     }
     if (where === null) return -KVM_EFAULT;
     if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
-    return this.#book(vm, gpaPage, where, page);
+    return this.#book(vm, gpaPage, where.fd, where.offset, where.writable, page);
   }
 
   /**
@@ -313,7 +358,7 @@ export class ModelHost {
    * the usual order.
    */
   _mapOneAt(buf: Uint8Array, off: number, gpa: number | bigint, page: number): number | undefined {
-    if (this.#closed || this.#pending !== null || !libc.mapOneNative()) return undefined;
+    if (this.#closed || this.#pendN >= 0 || !libc.mapOneNative()) return undefined;
     const tok = this._tokens.peekAt(buf, off);
     if (tok === undefined) return undefined;
     const vm = tok.vm;
@@ -327,7 +372,7 @@ export class ModelHost {
       gpaPage = p <= MAX_SAFE ? Number(p) : p;
       where = vm.memory.resolve(p, PS);
     }
-    if (where === null || page === 0 || page + PS > USER_LIMIT || this.#maps.has(page)) return undefined;
+    if (where === null || page === 0 || page + PS > USER_LIMIT || this.#mapHas(page)) return undefined;
     const r = libc.mapOne(where.writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, page, PS, where.fd, where.offset);
     if (r > 0) return r; // no page there: no hypercall
     // The hypercall: the token is used, the page booked (remapped just now).
@@ -339,21 +384,19 @@ export class ModelHost {
       this.#freshOrLog(page, 1);
       return r;
     }
-    this.#maps.set(page, { vm, gpa: gpaPage });
-    vm._mapped++;
+    this.#mapSet(page, vm, gpaPage);
     return 0;
   }
 
-  #book(vm: ModelVm, gpaPage: number | bigint, where: { fd: number; offset: number; writable: boolean }, page: number): number {
+  #book(vm: ModelVm, gpaPage: number | bigint, fd: number, offset: number, writable: boolean, page: number): number {
     // v6 remote mapping: the same introspector page mapped twice.
-    if (this.#maps.has(page)) return -EALREADY;
-    this.#maps.set(page, { vm, gpa: gpaPage });
-    vm._mapped++;
-    if (this.#pending !== null) {
-      this.#pending.set(page, { kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable });
+    if (this.#mapHas(page)) return -EALREADY;
+    this.#mapSet(page, vm, gpaPage);
+    if (this.#pendN >= 0) {
+      this.#queue(page, offset, fd * 2 + (writable ? 1 : 0));
       return 0;
     }
-    const r = this.#remapRun({ kind: 'shared', fd: where.fd, offset: where.offset, writable: where.writable }, page, 1);
+    const r = this.#remapRun(fd * 2 + (writable ? 1 : 0), page, 1, offset);
     if (r < 0) {
       this.#dropMapping(page);
       this.#freshOrLog(page, 1);
@@ -384,20 +427,114 @@ export class ModelHost {
 
   /** Removes the mapping at `page` from the host's list; false if there is none. */
   #dropMapping(page: number): boolean {
-    const rec = this.#maps.get(page);
-    if (rec === undefined) return false;
-    this.#maps.delete(page);
-    rec.vm._mapped--;
+    const c = this.#chunk(page);
+    if (c === undefined) return false;
+    const i = (page % CHUNK_BYTES) / PS;
+    const vm = c.vm[i];
+    if (vm === undefined) return false;
+    c.vm[i] = undefined;
+    if (c.gpa[i] !== c.gpa[i]) this.#bigGpa.delete(page);
+    if (--c.n === 0) {
+      this.#chunks.delete(Math.floor(page / CHUNK_BYTES));
+      this.#lastKey = -1;
+      this.#lastChunk = undefined;
+      this.#spare = c; // (empty: reused by the next new chunk)
+    }
+    this.#mapCount--;
+    vm._mapped--;
     return true;
+  }
+
+  /** The chunk holding `page`, if it has any mapping. */
+  #chunk(page: number): Chunk | undefined {
+    const key = Math.floor(page / CHUNK_BYTES);
+    if (key === this.#lastKey) return this.#lastChunk;
+    const c = this.#chunks.get(key);
+    if (c !== undefined) {
+      this.#lastKey = key;
+      this.#lastChunk = c;
+    }
+    return c;
+  }
+
+  /** `page` is mapped. */
+  #mapHas(page: number): boolean {
+    const c = this.#chunk(page);
+    return c !== undefined && c.vm[(page % CHUNK_BYTES) / PS] !== undefined;
+  }
+
+  /** The mapping at `page`, if any. */
+  #mapGet(page: number): MapRec | undefined {
+    const c = this.#chunk(page);
+    if (c === undefined) return undefined;
+    const i = (page % CHUNK_BYTES) / PS;
+    const vm = c.vm[i];
+    if (vm === undefined) return undefined;
+    const g = c.gpa[i]!;
+    return { vm, gpa: g === g ? g : this.#bigGpa.get(page)! };
+  }
+
+  /** Lists a mapping at `page` (not mapped yet). */
+  #mapSet(page: number, vm: ModelVm, gpaPage: number | bigint): void {
+    let c = this.#chunk(page);
+    if (c === undefined) {
+      const key = Math.floor(page / CHUNK_BYTES);
+      c = this.#spare ?? { vm: new Array<ModelVm | undefined>(CHUNK_PAGES).fill(undefined), gpa: new Float64Array(CHUNK_PAGES), n: 0 };
+      this.#spare = undefined;
+      this.#chunks.set(key, c);
+      this.#lastKey = key;
+      this.#lastChunk = c;
+    }
+    const i = (page % CHUNK_BYTES) / PS;
+    c.vm[i] = vm;
+    if (typeof gpaPage === 'number') c.gpa[i] = gpaPage;
+    else {
+      c.gpa[i] = NaN;
+      this.#bigGpa.set(page, gpaPage);
+    }
+    c.n++;
+    this.#mapCount++;
+    vm._mapped++;
+  }
+
+  /** Every mapped introspector page (of `vm`, or all), in address order within each 2 MiB chunk. */
+  #mappedPages(vm?: ModelVm): number[] {
+    const out: number[] = [];
+    for (const [key, c] of this.#chunks) {
+      for (let i = 0; i < CHUNK_PAGES; i++) {
+        const v = c.vm[i];
+        if (v !== undefined && (vm === undefined || v === vm)) out.push(key * CHUNK_BYTES + i * PS);
+      }
+    }
+    return out;
   }
 
   /** A fresh zeroed page at `page` now, or queued in a batch. */
   #fresh(page: number): number {
-    if (this.#pending !== null) {
-      this.#pending.set(page, { kind: 'fresh' });
+    if (this.#pendN >= 0) {
+      this.#queue(page, 0, OP_FRESH);
       return 0;
     }
-    return this.#remapRun({ kind: 'fresh' }, page, 1);
+    return this.#remapRun(OP_FRESH, page, 1, 0);
+  }
+
+  /** Appends a remap to the deferral log. */
+  #queue(page: number, offset: number, op: number): void {
+    const n = this.#pendN;
+    if (n === this.#pendPage.length) {
+      const cap = Math.max(256, n * 2);
+      const p = new Float64Array(cap), o = new Float64Array(cap), k = new Int32Array(cap);
+      p.set(this.#pendPage);
+      o.set(this.#pendOff);
+      k.set(this.#pendOp);
+      this.#pendPage = p;
+      this.#pendOff = o;
+      this.#pendOp = k;
+    }
+    this.#pendPage[n] = page;
+    this.#pendOff[n] = offset;
+    this.#pendOp[n] = op;
+    this.#pendN = n + 1;
   }
 
   #freshOrLog(page: number, pages: number): void {
@@ -407,23 +544,23 @@ export class ModelHost {
     if (r < 0) debug('host %s: could not give 0x%s (%d pages) a fresh page: errno %d', this.name, page.toString(16), pages, -r);
   }
 
-  /** One mmap(+mlock) for `pages` adjacent pages. 0 or -errno. */
-  #remapRun(op: PendingOp, page: number, pages: number): number {
+  /** One mmap(+mlock) for `pages` adjacent pages (op: OP_FRESH or fd * 2 + writable). 0 or -errno. */
+  #remapRun(op: number, page: number, pages: number, offset: number): number {
     this.#counters.remapCalls++;
     this.#counters.remappedPages += pages;
-    if (op.kind === 'fresh') return remapFresh(page, pages * PS);
-    return remapShared(page, pages * PS, op.fd, op.offset, op.writable);
+    if (op === OP_FRESH) return remapFresh(page, pages * PS);
+    return remapShared(page, pages * PS, op >> 1, offset, (op & 1) === 1);
   }
 
   // ---- batches ----
 
   /** @internal remaps are being queued (a batch is running). */
-  get _deferring(): boolean { return this.#pending !== null; }
+  get _deferring(): boolean { return this.#pendN >= 0; }
 
   /** @internal Start queueing page remaps (see the module comment). */
   _beginDeferral(): void {
-    if (this.#pending !== null) throw new Error('ModelHost: remaps are already being deferred');
-    this.#pending = new Map();
+    if (this.#pendN >= 0) throw new Error('ModelHost: remaps are already being deferred');
+    this.#pendN = 0;
   }
 
   /**
@@ -431,26 +568,42 @@ export class ModelHost {
    * the MAP pages whose remap failed (already rolled back here) -> -errno.
    */
   _endDeferral(): Map<number, number> {
-    const pending = this.#pending;
-    this.#pending = null;
+    const n = this.#pendN;
+    this.#pendN = -1;
     const failures = new Map<number, number>();
-    if (pending === null || pending.size === 0) return failures;
-    const shared = new Map<number, { fd: number; writable: boolean; items: [number, number][] }>();
-    const fresh: number[] = [];
-    for (const [page, op] of pending) {
-      if (op.kind === 'fresh') {
-        fresh.push(page);
+    if (n <= 0) return failures;
+    const P = this.#pendPage, O = this.#pendOff, K = this.#pendOp;
+    // The log in page order, one op per page (the last one queued for it). A batch
+    // over a window in address order is already strictly increasing: no sort.
+    let order: Int32Array | null = null;
+    for (let i = 1; i < n; i++) {
+      if (P[i]! <= P[i - 1]!) {
+        order = pageOrder(P, n);
+        break;
+      }
+    }
+    const m = order === null ? n : order.length;
+    // Runs of adjacent pages with the same op (and adjacent offsets for shared ones).
+    const shared: Run[] = [], fresh: Run[] = [];
+    let cur: Run | undefined, curOp = 0;
+    for (let k = 0; k < m; k++) {
+      const i = order === null ? k : order[k]!;
+      const page = P[i]!, op = K[i]!, offset = op === OP_FRESH ? 0 : O[i]!;
+      if (cur !== undefined && op === curOp && page === cur.page + cur.pages * PS && (op === OP_FRESH || offset === cur.offset + cur.pages * PS)) {
+        cur.pages++;
         continue;
       }
-      const key = op.fd * 2 + (op.writable ? 1 : 0);
-      let g = shared.get(key);
-      if (g === undefined) shared.set(key, g = { fd: op.fd, writable: op.writable, items: [] });
-      g.items.push([page, op.offset]);
+      cur = { page, pages: 1, offset, op };
+      curOp = op;
+      (op === OP_FRESH ? fresh : shared).push(cur);
     }
-    for (const g of shared.values()) {
-      g.items.sort((a, b) => a[0] - b[0]);
-      const runs = toRuns(g.items);
-      const res = this.#doRuns(runs, g.fd, g.writable);
+    // Shared runs grouped by (fd, writable), in the order the groups first appear.
+    let rest = shared;
+    while (rest.length > 0) {
+      const op = rest[0]!.op;
+      const runs = rest.filter((r) => r.op === op);
+      rest = runs.length === rest.length ? [] : rest.filter((r) => r.op !== op);
+      const res = this.#doRuns(runs, op >> 1, (op & 1) === 1);
       for (let i = 0; i < runs.length; i++) {
         if (res[i]! >= 0) continue;
         const run = runs[i]!;
@@ -463,11 +616,9 @@ export class ModelHost {
       }
     }
     if (fresh.length > 0) {
-      fresh.sort((a, b) => a - b);
-      const runs = toRuns(fresh.map((p) => [p, 0]), false);
-      const res = this.#doRuns(runs, -1, true, true);
-      for (let i = 0; i < runs.length; i++) {
-        if (res[i]! < 0) this.#freshOrLog(runs[i]!.page, runs[i]!.pages); // retry once; log if it fails again
+      const res = this.#doRuns(fresh, -1, true, true);
+      for (let i = 0; i < fresh.length; i++) {
+        if (res[i]! < 0) this.#freshOrLog(fresh[i]!.page, fresh[i]!.pages); // retry once; log if it fails again
       }
     }
     return failures;
@@ -500,7 +651,7 @@ export class ModelHost {
   stats(): HostStats {
     const vms = [...this.#vms].map((vm) => vm.stats());
     return {
-      mappings: this.#maps.size,
+      mappings: this.#mapCount,
       tokensOutstanding: this._tokens.outstanding(),
       vms,
     };
@@ -513,27 +664,29 @@ export class ModelHost {
 
   /** The host's {introspector page, VM, gpa} list. */
   mappings(): HostMapping[] {
-    return [...this.#maps].map(([page, r]) => ({ introspectorPage: BigInt(page), vm: r.vm, gpa: BigInt(r.gpa) }));
+    return this.#mappedPages().map((page) => {
+      const r = this.#mapGet(page)!;
+      return { introspectorPage: BigInt(page), vm: r.vm, gpa: BigInt(r.gpa) };
+    });
   }
 
   /** The mapping at an introspector page, if any. */
   mappingAt(introspectorPage: bigint): HostMapping | undefined {
     if (introspectorPage < 0n || introspectorPage >= BigInt(USER_LIMIT)) return undefined;
     const page = pageOf(Number(introspectorPage));
-    const r = this.#maps.get(page);
+    const r = this.#mapGet(page);
     return r && { introspectorPage: BigInt(page), vm: r.vm, gpa: BigInt(r.gpa) };
   }
 
   /**
    * @internal Revokes every page mapped from `vm` (each gets a fresh page).
    * The host keeps only a count per VM, so this walks the host's whole list
-   * (O(mappings) per unhook), in mapping order.
+   * (O(mappings) per unhook), in address order within each 2 MiB chunk.
    */
   _revoke(vm: ModelVm): number {
     if (vm._mapped === 0) return 0;
-    const pages: number[] = [];
-    for (const [p, rec] of this.#maps) if (rec.vm === vm) pages.push(p);
-    const outer = this.#pending === null;
+    const pages = this.#mappedPages(vm);
+    const outer = this.#pendN < 0;
     if (outer) this._beginDeferral();
     for (const p of pages) {
       this.#dropMapping(p);
@@ -558,21 +711,22 @@ export class ModelHost {
   }
 }
 
-interface Run { page: number; pages: number; offset: number }
+interface Run { page: number; pages: number; offset: number; op: number }
 
-/** Sorted [page, offset] pairs -> runs of adjacent pages with adjacent offsets. */
-function toRuns(items: [number, number][], offsets = true): Run[] {
-  const runs: Run[] = [];
-  let cur: Run | undefined;
-  for (const [page, offset] of items) {
-    if (cur !== undefined && page === cur.page + cur.pages * PS && (!offsets || offset === cur.offset + cur.pages * PS)) {
-      cur.pages++;
-    } else {
-      cur = { page, pages: 1, offset };
-      runs.push(cur);
-    }
+/**
+ * The indexes of the first `n` entries of `pages` sorted by page, keeping for
+ * each page only its last entry (the op queued last wins, as a Map.set would).
+ */
+function pageOrder(pages: Float64Array, n: number): Int32Array {
+  const idx = new Int32Array(n);
+  for (let i = 0; i < n; i++) idx[i] = i;
+  idx.sort((a, b) => pages[a]! - pages[b]! || a - b);
+  let m = 0;
+  for (let k = 0; k < n; k++) {
+    if (k + 1 < n && pages[idx[k + 1]!] === pages[idx[k]!]) continue; // a later op for this page follows
+    idx[m++] = idx[k]!;
   }
-  return runs;
+  return idx.subarray(0, m);
 }
 
 /** VM ioctl table (seed 002 style): request -> expected argument size, handler. */

@@ -74,6 +74,9 @@ export class GuestMemory {
   /** Sorted by gpa, non-overlapping, page-aligned. */
   readonly regions: readonly MemoryRegion[];
   #fd: number;
+  /** _offsetOfPage(): the regions as numbers (built on first use), and the last region hit. */
+  #numRegions: Float64Array | null | undefined;
+  #lastRegion = 0;
 
   private constructor(name: string, path: string | undefined, fd: number, fileSize: bigint, writable: boolean, regions: readonly MemoryRegion[] | undefined) {
     this.name = name;
@@ -212,6 +215,41 @@ export class GuestMemory {
     const r = this.regionOf(gpa);
     if (r === undefined || gpa + n > r.gpa + r.size) return null;
     return { fd: this.#fd, offset: Number(r.fileOffset + (gpa - r.gpa)), writable: this.writable, region: r };
+  }
+
+  /**
+   * @internal resolve(gpaPage, PAGE_SIZE) for a page-aligned gpa given as a
+   * number: the file offset of the page, or -1 where resolve() answers null
+   * (a hole, beyond the end, or closed). No bigint, no object per call.
+   */
+  _offsetOfPage(gpaPage: number): number {
+    if (this.#fd < 0 || !(gpaPage >= 0)) return -1;
+    let t = this.#numRegions;
+    if (t === undefined) t = this.#numRegions = GuestMemory.#numeric(this.regions);
+    if (t === null) return -2; // regions past 2^53: the caller takes the bigint path
+    const last = this.#lastRegion;
+    if (gpaPage >= t[last]! && gpaPage + PAGE_SIZE <= t[last]! + t[last + 1]!) return t[last + 2]! + (gpaPage - t[last]!);
+    for (let i = 0; i < t.length; i += 3) {
+      if (gpaPage >= t[i]! && gpaPage + PAGE_SIZE <= t[i]! + t[i + 1]!) {
+        this.#lastRegion = i;
+        return t[i + 2]! + (gpaPage - t[i]!);
+      }
+    }
+    return -1;
+  }
+
+  /** The regions as (gpa, size, fileOffset) numbers, or null when one is not exact as a number. */
+  static #numeric(regions: readonly MemoryRegion[]): Float64Array | null {
+    const t = new Float64Array(regions.length * 3);
+    const MAX = BigInt(Number.MAX_SAFE_INTEGER);
+    for (let i = 0; i < regions.length; i++) {
+      const r = regions[i]!;
+      if (r.gpa + r.size > MAX || r.fileOffset + r.size > MAX) return null;
+      t[3 * i] = Number(r.gpa);
+      t[3 * i + 1] = Number(r.size);
+      t[3 * i + 2] = Number(r.fileOffset);
+    }
+    return t;
   }
 
   /** Reads guest-physical memory (may cross adjacent regions; a hole throws RangeError). */
