@@ -258,12 +258,13 @@ class Runner {
         if (!dev || !ref.files[op.f]!.open) return;
         if (op.items.some((m) => m.addr.where === 'H')) assertHole(w);
         const buf = Buffer.alloc(48 * op.items.length);
-        const want: number[] = [];
-        op.items.forEach((m, i) => {
-          const token = this.token(m.vm, m.tok);
+        // Every token is fetched before the batch consumes any (as a caller must do it),
+        // so the reference counts them all outstanding before it plays the records.
+        const tokens = op.items.map((m) => this.token(m.vm, m.tok));
+        const want = op.items.map((m, i) => {
           const gva = addrOf(w, m.addr);
-          encodeMemMap({ token, gpa: BigInt(m.gpaPage * PS + m.gpaOff), gva }, buf, 48 * i);
-          want.push(this.refMap(op.f, m, token, gva));
+          encodeMemMap({ token: tokens[i]!, gpa: BigInt(m.gpaPage * PS + m.gpaOff), gva }, buf, 48 * i);
+          return this.refMap(op.f, m, tokens[i]!, gva);
         });
         const res = new Int32Array(op.items.length);
         const ok = dev.ioctlBatch(KVM_INTRO_MEM_MAP, buf, 48, op.items.length, res);
@@ -409,7 +410,11 @@ test.serial(`model = reference state machine over random op sequences (${RUNS} r
         r.check();
       }
     }),
-    { numRuns: RUNS, verbose: 1 },
+    {
+      numRuns: RUNS, verbose: 1,
+      // Replay a reported failure: KVMMEM_PROPERTY_SEED=<seed> KVMMEM_PROPERTY_PATH=<path>
+      ...(process.env.KVMMEM_PROPERTY_SEED ? { seed: Number(process.env.KVMMEM_PROPERTY_SEED), path: process.env.KVMMEM_PROPERTY_PATH, endOnFailure: true } : {}),
+    },
   );
   await reset(world, (last as Runner | null)?.devs ?? []);
   t.log(`${runs} runs, ${steps} steps checked in ${Date.now() - started} ms (native batch helper: ${libc.batchAvailable()})`);
