@@ -14,6 +14,7 @@ import {
 } from '../src/abi/index.js';
 import { ClosedError, DeviceError, NotKvmmemDeviceError } from '../src/errors.js';
 import { GuestMemory, ModelDevice, ModelHost, adoptSocket, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
+import { errnoOf } from './helpers.js';
 
 const PS = 4096;
 const ENOENT = -2, EFAULT = -14, EINVAL = -22, ENODEV = -19, ENOTTY = -25, EALREADY = -114, EBADF = -9;
@@ -89,16 +90,6 @@ async function fixture(t: ExecutionContext, opts: ModelHostOptions & { pages?: n
 const rec = (token: Uint8Array, gpa: bigint, gva: bigint | number) => encodeMemMap({ token, gpa, gva: BigInt(gva) });
 const forged = () => new Uint8Array(32).fill(0x42);
 
-/** The errno a Device call failed with (0 when it did not throw). */
-function errnoOf(fn: () => unknown): number {
-  try {
-    fn();
-    return 0;
-  } catch (e) {
-    if (e instanceof DeviceError) return e.errno!;
-    throw e;
-  }
-}
 
 /**
  * A page that lies in no mapping and that nobody maps meanwhile: below the

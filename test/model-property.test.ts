@@ -13,6 +13,7 @@ import { Window } from '../src/sys/window.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, X86_64_USER_LIMIT, encodeMemMap } from '../src/abi/index.js';
 import { ClosedError, DeviceError } from '../src/errors.js';
 import { ModelHost, adoptSocket, type ModelDevice, type ModelVm } from '../src/model/index.js';
+import { errnoOf } from './helpers.js';
 
 const PS = 4096;
 const WPAGES = 6;
@@ -348,15 +349,6 @@ function eq(actual: unknown, expected: unknown, what: string): void {
 }
 const big = (_k: string, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v);
 
-function errnoOf(fn: () => unknown): number {
-  try {
-    fn();
-    return 0;
-  } catch (e) {
-    if (e instanceof DeviceError) return e.errno!;
-    throw e;
-  }
-}
 
 function expectThrows(fn: () => unknown, code: 'closed' | string): void {
   try {
