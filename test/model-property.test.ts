@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import * as libc from '../src/sys/libc.js';
 import { Window } from '../src/sys/window.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, X86_64_USER_LIMIT, encodeMemMap } from '../src/abi/index.js';
-import { ClosedError, DeviceError } from '../src/errors.js';
+import { ClosedError } from '../src/errors.js';
 import { ModelHost, adoptSocket, type ModelDevice, type ModelVm } from '../src/model/index.js';
 import { errnoOf } from './helpers.js';
 
