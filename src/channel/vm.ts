@@ -86,10 +86,17 @@ interface Expectation { id: number; name: string; expect: number | undefined }
  * timer (a timer per request cost more than the request itself).
  */
 interface Group {
-  timer: NodeJS.Timeout | null;
   /** Requests of the group still pending. */
   left: number;
+  /** performance.now() at which the group's requests time out. */
+  deadline: number;
+  ms: number;
+  seqs: number[];
 }
+
+/** Captures a Promise's resolve function without a closure per promise (see #captureResolve). */
+let captured: ((v: (Uint8Array | Error)[]) => void) | null = null;
+function captureResolve(resolve: (v: (Uint8Array | Error)[]) => void): void { captured = resolve; }
 
 /** One getMapTokensSettled() call: its requests settle straight into `out` (no closure per request). */
 interface TokenBatch {
@@ -184,6 +191,11 @@ export class Vm extends EventEmitter {
   #acc: Buffer = EMPTY;
   #stallTimer: NodeJS.Timeout | null = null;
   #pending = new Map<number, Pending>();
+  /** Groups with requests still pending, in creation order; one timer covers them all. */
+  #groups = new Set<Group>();
+  #groupTimer: NodeJS.Timeout | null = null;
+  /** When #groupTimer fires (performance.now() time). */
+  #groupTimerAt = Infinity;
   #abandoned = new Map<number, Expectation>();
   #seq = 0;
   #maxInFlight = 0;
@@ -310,17 +322,18 @@ export class Vm extends EventEmitter {
       total += MSG_HDR_SIZE + body.length;
     }
     const frames = Buffer.allocUnsafe(total);
-    const group: Group | null = timeoutMs > 0 && Number.isFinite(timeoutMs) ? { timer: null, left: bodies.length } : null;
     const seqs: number[] = new Array<number>(bodies.length);
+    const group: Group | null = timeoutMs > 0 && Number.isFinite(timeoutMs) ? { left: bodies.length, deadline: performance.now() + timeoutMs, ms: timeoutMs, seqs } : null;
     let off = 0;
     for (let k = 0; k < bodies.length; k++) {
       const body = bodies[k]!;
       const seq = this.#nextSeq();
       seqs[k] = seq;
       // kvmi_msg_hdr { u16 id; u16 size; u32 seq } (id and size checked above)
-      frames.writeUInt16LE(id, off);
-      frames.writeUInt16LE(body.length, off + 2);
-      frames.writeUInt32LE(seq, off + 4);
+      const len = body.length;
+      frames[off] = id & 0xff; frames[off + 1] = id >>> 8;
+      frames[off + 2] = len & 0xff; frames[off + 3] = len >>> 8;
+      frames[off + 4] = seq & 0xff; frames[off + 5] = (seq >>> 8) & 0xff; frames[off + 6] = (seq >>> 16) & 0xff; frames[off + 7] = seq >>> 24;
       if (body.length > 0) frames.set(body, off + MSG_HDR_SIZE);
       off += MSG_HDR_SIZE + body.length;
       const p: Pending = { id, name, expect: options.expect, seq, resolve: noop, reject: noop, group, batch, k };
@@ -328,8 +341,8 @@ export class Vm extends EventEmitter {
       this.#pending.set(seq, p);
     }
     if (group !== null) {
-      group.timer = setTimeout(() => this.#timeoutGroup(group, seqs, timeoutMs), timeoutMs);
-      group.timer.unref();
+      this.#groups.add(group);
+      if (group.deadline < this.#groupTimerAt) this.#armGroupTimer(group.deadline);
     }
     if (this.#pending.size > this.#maxInFlight) this.#maxInFlight = this.#pending.size;
     if (debug.enabled) debug('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
@@ -368,10 +381,11 @@ export class Vm extends EventEmitter {
       for (let k = 0; k < n; k++) out[k] = new VmGoneError(reason, { vm: this.#label(), syscall: name });
       return Promise.resolve(out);
     }
-    return new Promise((resolve) => {
-      const batch: TokenBatch = { out, left: n, resolve };
-      this.#send(id, name, tokenBodies(n), TOKEN_OPTIONS, null, batch);
-    });
+    const promise = new Promise<(Uint8Array | Error)[]>(captureResolve);
+    const batch: TokenBatch = { out, left: n, resolve: captured! };
+    captured = null;
+    this.#send(id, name, tokenBodies(n), TOKEN_OPTIONS, null, batch);
+    return promise;
   }
 
   /** Settles request k of a token batch; `from` = offset of the token in `src` (ignored for an error). */
@@ -379,7 +393,8 @@ export class Vm extends EventEmitter {
     if (err !== null) b.out[k] = err;
     else {
       const token = new Uint8Array(MEM_TOKEN_SIZE); // each token owns its bytes
-      src!.copy(token, 0, from, from + MEM_TOKEN_SIZE); // one copy, out of the receive buffer
+      const s = src!;
+      for (let i = 0; i < MEM_TOKEN_SIZE; i++) token[i] = s[from + i]!; // one copy, out of the receive buffer
       b.out[k] = token;
     }
     if (--b.left === 0) b.resolve(b.out);
@@ -458,16 +473,46 @@ export class Vm extends EventEmitter {
 
   #write(frame: Buffer): void {
     if (this.#stream.destroyed || this.#stream.writableEnded) return;
-    this.#stream.write(frame, (err) => {
-      if (err) this.#onError(err);
-    });
+    this.#stream.write(frame, this.#onWritten);
   }
 
-  #timeoutGroup(group: Group, seqs: number[], ms: number): void {
-    group.timer = null;
-    for (const seq of seqs) {
+  #onWritten = (err?: Error | null): void => {
+    if (err) this.#onError(err);
+  };
+
+  #armGroupTimer(at: number): void {
+    if (this.#groupTimer !== null) clearTimeout(this.#groupTimer);
+    this.#groupTimerAt = at;
+    this.#groupTimer = setTimeout(this.#onGroupTimer, Math.max(0, at - performance.now()));
+    this.#groupTimer.unref();
+  }
+
+  #stopGroupTimer(): void {
+    if (this.#groupTimer !== null) clearTimeout(this.#groupTimer);
+    this.#groupTimer = null;
+    this.#groupTimerAt = Infinity;
+  }
+
+  /** The shared timer: times out every group past its deadline, then re-arms for the earliest left. */
+  #onGroupTimer = (): void => {
+    this.#groupTimer = null;
+    this.#groupTimerAt = Infinity;
+    const t = performance.now();
+    let next = Infinity;
+    for (const g of this.#groups) {
+      if (this.#state === 'gone') return;
+      if (g.deadline <= t) {
+        this.#groups.delete(g);
+        this.#timeoutGroup(g);
+      } else if (g.deadline < next) next = g.deadline;
+    }
+    if (this.#state !== 'gone' && next !== Infinity && next < this.#groupTimerAt) this.#armGroupTimer(next);
+  };
+
+  #timeoutGroup(group: Group): void {
+    for (const seq of group.seqs) {
       const p = this.#pending.get(seq);
-      if (p !== undefined && p.group === group) this.#timeout(p, ms);
+      if (p !== undefined && p.group === group) this.#timeout(p, group.ms);
       if (this.#state === 'gone') return;
     }
   }
@@ -510,9 +555,9 @@ export class Vm extends EventEmitter {
     const evId = this.#ids.EVENT;
     while (this.#state !== 'gone' && acc.length - off >= MSG_HDR_SIZE) {
       // kvmi_msg_hdr { u16 id; u16 size; u32 seq }
-      const id = acc.readUInt16LE(off);
-      const size = acc.readUInt16LE(off + 2);
-      const seq = acc.readUInt32LE(off + 4);
+      const id = acc[off]! | (acc[off + 1]! << 8);
+      const size = acc[off + 2]! | (acc[off + 3]! << 8);
+      const seq = (acc[off + 4]! | (acc[off + 5]! << 8) | (acc[off + 6]! << 16) | (acc[off + 7]! << 24)) >>> 0;
       const p = id === evId ? undefined : this.#pending.get(seq);
       // The common case, checked without building any string.
       if (!(p !== undefined && p.id === id && size >= ERROR_CODE_SIZE
@@ -564,25 +609,24 @@ export class Vm extends EventEmitter {
 
   /** A reply whose header passed the checks: its body is buf[at, at + size). */
   #onReply(seqNo: number, p: Pending | undefined, buf: Buffer, at: number, size: number): void {
-    const seq = () => `0x${seqNo.toString(16)}`;
     const e = p ?? this.#abandoned.get(seqNo)!;
     const err = buf.readInt32LE(at);
     const padding = buf.readUInt32LE(at + 4);
     if (padding !== 0) {
-      this.#violation(`reply to ${e.name} (seq ${seq()}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
+      this.#violation(`reply to ${e.name} (seq 0x${seqNo.toString(16)}) has non-zero kvmi_error_code padding 0x${padding.toString(16)}`);
       return;
     }
     if (err !== 0 && size !== ERROR_CODE_SIZE) {
-      this.#violation(`error reply to ${e.name} (seq ${seq()}) carries ${size - ERROR_CODE_SIZE} bytes of data`);
+      this.#violation(`error reply to ${e.name} (seq 0x${seqNo.toString(16)}) carries ${size - ERROR_CODE_SIZE} bytes of data`);
       return;
     }
     if (err === 0 && e.expect !== undefined && size !== ERROR_CODE_SIZE + e.expect) {
-      this.#violation(`reply to ${e.name} (seq ${seq()}) has ${size - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
+      this.#violation(`reply to ${e.name} (seq 0x${seqNo.toString(16)}) has ${size - ERROR_CODE_SIZE} bytes of data, expected ${e.expect}`);
       return;
     }
     if (p === undefined) {
       this.#abandoned.delete(seqNo);
-      debug('vm %s: late reply to %s seq %s dropped', this.#label(), e.name, seq());
+      debug('vm %s: late reply to %s seq 0x%s dropped', this.#label(), e.name, seqNo.toString(16));
       return;
     }
     this.#pending.delete(seqNo);
@@ -600,10 +644,9 @@ export class Vm extends EventEmitter {
   /** p left #pending: the last of its group stops the group's timer. */
   #settled(p: Pending): void {
     const g = p.group;
-    if (g !== null && --g.left === 0 && g.timer !== null) {
-      clearTimeout(g.timer);
-      g.timer = null;
-    }
+    // The shared timer stays armed (unref'd) when nothing is left: it then fires once for
+    // nothing instead of a set/clear pair per round trip.
+    if (g !== null && --g.left === 0) this.#groups.delete(g);
   }
 
   #onEvent(seq: number, body: Buffer): void {
@@ -686,11 +729,9 @@ export class Vm extends EventEmitter {
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     this.#abandoned.clear();
+    this.#groups.clear();
+    this.#stopGroupTimer();
     for (const p of pending) {
-      if (p.group !== null && p.group.timer !== null) {
-        clearTimeout(p.group.timer);
-        p.group.timer = null;
-      }
       this.#reject(p, new VmGoneError(reason, { vm: this.#label(), syscall: p.name, ...(error === undefined ? {} : { cause: error }) }));
     }
     this.#closeStream(error !== undefined);

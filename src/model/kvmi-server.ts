@@ -146,8 +146,8 @@ export class KvmiConnection {
     if (into === undefined) return 0;
     const end = chunk.length - MSG_HDR_SIZE;
     let at = 0;
-    while (at <= end && chunk.readUInt16LE(at) === id && chunk.readUInt16LE(at + 2) === 0) {
-      const seq = chunk.readUInt32LE(at + 4);
+    while (at <= end && (chunk[at]! | (chunk[at + 1]! << 8)) === id && chunk[at + 2] === 0 && chunk[at + 3] === 0) {
+      const seq = (chunk[at + 4]! | (chunk[at + 5]! << 8) | (chunk[at + 6]! << 16) | (chunk[at + 7]! << 24)) >>> 0;
       at += MSG_HDR_SIZE;
       this.counts.commands++;
       const out = this.#reserve(MSG_HDR_SIZE + MAP_TOKEN_REPLY_SIZE);
@@ -157,11 +157,11 @@ export class KvmiConnection {
         this.#reply(id, seq, -KVM_EAGAIN);
         continue;
       }
-      out.writeUInt16LE(id, o);
-      out.writeUInt16LE(MAP_TOKEN_REPLY_SIZE, o + 2);
-      out.writeUInt32LE(seq, o + 4);
-      out.writeInt32LE(0, o + MSG_HDR_SIZE);
-      out.writeUInt32LE(0, o + MSG_HDR_SIZE + 4);
+      // kvmi_msg_hdr { id, size, seq } + kvmi_error_code { 0, 0 }, byte by byte (cheaper than write*LE here)
+      out[o] = id & 0xff; out[o + 1] = id >>> 8;
+      out[o + 2] = MAP_TOKEN_REPLY_SIZE & 0xff; out[o + 3] = MAP_TOKEN_REPLY_SIZE >>> 8;
+      out[o + 4] = seq & 0xff; out[o + 5] = (seq >>> 8) & 0xff; out[o + 6] = (seq >>> 16) & 0xff; out[o + 7] = seq >>> 24;
+      for (let i = o + MSG_HDR_SIZE; i < o + MSG_HDR_SIZE + ERROR_CODE_SIZE; i++) out[i] = 0;
       this.#outLen = o + MSG_HDR_SIZE + MAP_TOKEN_REPLY_SIZE;
     }
     return at;

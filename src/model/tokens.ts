@@ -102,8 +102,11 @@ export class TokenStore<V extends object> {
   issueInto(vm: V, out: Uint8Array, offset: number): boolean {
     if (this.#closed) return false;
     let rec = this.#byVm.get(vm);
-    if (rec !== undefined && this.ttlMs !== Infinity) this.#purgeVm(rec, this.#now());
-    if ((rec?.n ?? 0) >= this.limit) return false;
+    const now = this.#now();
+    if (rec !== undefined) {
+      if (this.ttlMs !== Infinity) this.#purgeVm(rec, now);
+      if (rec.n >= this.limit) return false;
+    } else if (this.limit <= 0) return false;
     let key: number;
     do {
       if (poolAt === pool.length) {
@@ -117,7 +120,7 @@ export class TokenStore<V extends object> {
       poolAt += MEM_TOKEN_SIZE;
     } while (true);
     // Clamp: issue times never go backwards, which keeps the maps ordered by expiry.
-    const issued = this.#lastIssued = Math.max(this.#lastIssued, this.#now());
+    const issued = this.#lastIssued = now > this.#lastIssued ? now : this.#lastIssued;
     if (rec === undefined) this.#byVm.set(vm, rec = { head: null, tail: null, n: 0 });
     const e: Entry<V> = { vm, issued, pool, off: poolAt, key, prev: rec.tail, next: null };
     poolAt += MEM_TOKEN_SIZE;
@@ -149,7 +152,6 @@ export class TokenStore<V extends object> {
     const p = e.pool, o = e.off;
     for (let i = 0; i < MEM_TOKEN_SIZE; i++) if (p[o + i] !== buf[offset + i]) return undefined;
     this.#delete(e);
-    if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
     if (this.#expired(e, this.#now())) return undefined;
     return e.vm;
   }
@@ -174,7 +176,6 @@ export class TokenStore<V extends object> {
     const e = ref as Entry<V>;
     if (this.#byKey.get(e.key) !== e) return;
     this.#delete(e);
-    if (this.#timer !== undefined && this.#byKey.size === 0) this.#disarm();
   }
 
   /** Unexpired outstanding tokens, for one VM or all. */
@@ -199,7 +200,6 @@ export class TokenStore<V extends object> {
       wipe(e);
     }
     this.#byVm.delete(vm);
-    this.#disarmIfEmpty();
     return n;
   }
 
@@ -231,14 +231,11 @@ export class TokenStore<V extends object> {
 
   #purgeVm(rec: VmTokens<V>, now: number): void {
     let e = rec.head;
-    let n = 0;
     while (e !== null && this.#expired(e, now)) { // the rest are younger
       const next = e.next;
       this.#delete(e);
-      n++;
       e = next;
     }
-    if (n > 0) this.#disarmIfEmpty();
   }
 
   /** Removes the entry from both indexes and wipes its bytes. */
@@ -257,9 +254,13 @@ export class TokenStore<V extends object> {
 
   #arm(): void {
     if (this.#timer !== undefined || this.ttlMs === Infinity) return;
-    this.#timer = setInterval(() => this.sweep(), this.#sweepMs);
+    this.#timer = setInterval(this.#onTick, this.#sweepMs);
     this.#timer.unref();
   }
+
+  // The timer is left armed when the store empties (re-arming it per batch cost more than
+  // the tokens); the next tick finds nothing and disarms it (sweep()).
+  #onTick = (): void => { this.sweep(); };
 
   #disarm(): void {
     clearInterval(this.#timer);
