@@ -846,22 +846,29 @@ their order are unchanged): model-device single page 119 -> 52-103 µs in a tigh
 tool side reads replies in place (no header object or slice per frame) and maps without
 per-page objects or bigints: tokens 256 per write 8.5 -> 4.1 µs.
 
+### Fourth and fifth rounds: the batch path's remap log, the token round trip
+
+Remaps queued during a batch go into a typed-array log (no object per page), the host's and
+the driver's page indexes are 2 MiB chunks of typed arrays, gpas resolve as numbers: the
+model's own JS on batch MAP + UNMAP fell from 3.1-4.3 to 1.2-1.8 µs/page (measured against
+the kernel floor in each iteration), heap per live mapping 181 -> 58 bytes. The token round
+trip lost its per-request timers (one shared deadline timer per VM) and its per-reply
+closures: pipelined tokens 4.8 -> 3.4 µs (8 per write), 2.7 -> 1.1 µs (256 per write).
+
 ### Where the unmet goals stand, and why
 
 - **scan <= 1.5x a direct mmap + indexOf**: the search itself runs at the direct speed (it is
   the same \`indexOf\` over live mapped pages), but every page must first be remapped and
   locked by the host model and unmapped again. The C row "remapping the whole run at once"
-  is the kernel's floor for that: ~4 µs/page, i.e. ~270 ms for 256 MiB, about 3x the direct
+  is the kernel's floor for that: ~3 µs/page, i.e. ~200 ms for 256 MiB, about 3x the direct
   scan on its own. So <= 1.5x is out of reach while each page is really remapped; the rest of
-  the gap is ~8-10 µs/page of JS in tokens, driver and host.
+  the gap (5.8x in the last run) is the token round trips and the JS of driver and host.
 - **mapRange + unmap >= 5x faster than the per-page C floor**: the same kernel floor allows
-  ~8x; we reach 2.2-2.7x with 256-4,096 tokens per round trip (0.9x on a v6 host, whose 8
-  outstanding tokens cost a socket round trip per 8 pages).
+  ~7.5x; we reach 3.4x with 256 tokens per round trip and 4.2x with 4,096 (1.1x on a v6
+  host, whose 8 outstanding tokens cost a socket round trip per 8 pages).
 - **single-page MAP + UNMAP <= 1.5x the C floor**: 1.1-1.3x in a tight loop; ~2.2x in the
   benchmark, where a token round trip on the socket separates the pages and the first
   calls after it run cold.
-- **pipelined vs sequential tokens on a v6 host**: 4.5-5.6x across runs (10x with 256 per
-  write); the sequential baseline is one round trip, so the ratio moves with the load.
 
 The real driver's UNMAP walks its list (O(n) in live mappings): see the scale rows, where
 native/bench/list_walk.c times that walk with the driver's struct page_map.
