@@ -51,6 +51,11 @@ test('ioctlRaw returns -errno: ENOTTY on /dev/null, EBADF on a bad fd, both arg 
     libc.close(fd);
   }
   t.is(libc.ioctlRaw(987654, 0x40306901, Buffer.alloc(48)), -9);
+  // the throwing form: a SystemError-like error
+  const e = t.throws(() => libc.ioctl(987654, 0x40086902, 0), { instanceOf: SyscallError });
+  t.is(e?.code, 'EBADF');
+  t.is(e?.errno, -9);
+  t.is(e?.syscall, 'ioctl');
 });
 
 test('a window is page-aligned, pre-faulted and locked', (t) => {

@@ -208,6 +208,13 @@ export function ioctlRaw(fd: number, request: number, arg: Uint8Array | number |
   return r.value < 0 ? -r.errnoCode : r.value;
 }
 
+/** ioctl(2) that throws SyscallError (code, errno, syscall 'ioctl') instead of returning -errno. */
+export function ioctl(fd: number, request: number, arg: Uint8Array | number | bigint): number {
+  const r = ioctlRaw(fd, request, arg);
+  if (r < 0) fail('ioctl', -r);
+  return r;
+}
+
 // ---- memory ----
 /** mmap(2); returns the address. */
 export function mmap(addr: number, length: number, prot: number, flags: number, fd = -1, offset = 0): number {
