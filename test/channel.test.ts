@@ -620,7 +620,8 @@ test('startTimeToDate reads seconds, ms, µs and ns', (t) => {
 // ---------------------------------------------------------------------------
 // raw-fd transport (the vsock path), exercised with AF_UNIX
 // ---------------------------------------------------------------------------
-test.serial('raw-fd transport: socket/bind/listen/accept4 through ffi-rs, bulk data both ways', async (t) => {
+/** A raw-fd listener on a fresh unix path, a node:net client connected to it, and the accepted Duplex. */
+async function rawPair(t: { teardown(fn: () => void): void }) {
   const path = sockPath();
   const l = RawSocketListener.listenUnix(path);
   t.teardown(() => l.close());
@@ -628,6 +629,11 @@ test.serial('raw-fd transport: socket/bind/listen/accept4 through ffi-rs, bulk d
   const client = net.connect(path);
   await once(client, 'connect');
   const [duplex] = await within(conn, 2000, 'accept') as [import('../src/channel/index.js').RawFdDuplex];
+  return { client, duplex };
+}
+
+test.serial('raw-fd transport: socket/bind/listen/accept4 through ffi-rs, bulk data both ways', async (t) => {
+  const { client, duplex } = await rawPair(t);
   // 4 MiB each way: partial writes, EAGAIN and backpressure on both sides.
   const big = randomBytes(4 << 20);
   const gotServer: Buffer[] = [];
@@ -666,13 +672,7 @@ test.serial('raw-fd transport carries the whole protocol (adopt)', async (t) => 
 });
 
 test.serial('raw-fd transport: the peer resetting mid-stream ends the Duplex, no crash', async (t) => {
-  const path = sockPath();
-  const l = RawSocketListener.listenUnix(path);
-  t.teardown(() => l.close());
-  const conn = once(l, 'connection');
-  const client = net.connect(path);
-  await once(client, 'connect');
-  const [d] = await within(conn, 2000, 'accept') as [import('node:stream').Duplex];
+  const { client, duplex: d } = await rawPair(t);
   const errors: Error[] = [];
   d.on('error', (e) => errors.push(e));
   const closed = new Promise((r) => d.once('close', r)); // (events.once would reject on 'error')
