@@ -69,6 +69,13 @@ class Harness {
     return this.#try(() => device.ioctl(KVM_INTRO_MEM_MAP, encodeMemMap({ token, gpa, gva: BigInt(gva) })));
   }
 
+  /** A fresh local page with the test gpa mapped into it (a failed MAP throws). */
+  async mapped(device = this.device): Promise<Window> {
+    const w = this.page();
+    expect('MAP', this.map(await this.token(), this.ctx.gpa, w.address, device), 'OK');
+    return w;
+  }
+
   unmap(gva: number, device = this.device): string {
     return this.#try(() => device.ioctl(KVM_INTRO_MEM_UNMAP, gva));
   }
@@ -99,8 +106,7 @@ const CHECKS: Check[] = [
     name: 'map-unmap',
     what: 'MAP with a fresh token, the page shows guest memory, UNMAP',
     async run(h) {
-      const w = h.page();
-      expect('MAP', h.map(await h.token(), h.ctx.gpa, w.address), 'OK');
+      const w = await h.mapped();
       const seen = Buffer.from(w.buffer!);
       if (h.ctx.guestRead && !seen.equals(h.ctx.guestRead(h.ctx.gpa, PS))) throw new Error('mapped page differs from guest memory');
       expect('UNMAP', h.unmap(w.address), 'OK');
@@ -133,8 +139,7 @@ const CHECKS: Check[] = [
     name: 'unmap-exact-vaddr',
     what: 'UNMAP matches the exact address given to MAP (no page rounding)',
     async run(h) {
-      const w = h.page();
-      expect('MAP', h.map(await h.token(), h.ctx.gpa, w.address), 'OK');
+      const w = await h.mapped();
       expect('UNMAP addr+1', h.unmap(w.address + 1), 'ENOENT');
       expect('UNMAP addr', h.unmap(w.address), 'OK');
       return 'UNMAP(addr+1) -> ENOENT, UNMAP(addr) -> 0';
@@ -144,8 +149,7 @@ const CHECKS: Check[] = [
     name: 'unmap-twice',
     what: 'a second UNMAP of the same address is ENOENT',
     async run(h) {
-      const w = h.page();
-      expect('MAP', h.map(await h.token(), h.ctx.gpa, w.address), 'OK');
+      const w = await h.mapped();
       expect('UNMAP', h.unmap(w.address), 'OK');
       expect('UNMAP again', h.unmap(w.address), 'ENOENT');
       return 'second UNMAP -> ENOENT';
@@ -168,8 +172,7 @@ const CHECKS: Check[] = [
     name: 'fresh-page-after-unmap',
     what: 'after UNMAP the local address holds a fresh zeroed page',
     async run(h) {
-      const w = h.page();
-      expect('MAP', h.map(await h.token(), h.ctx.gpa, w.address), 'OK');
+      const w = await h.mapped();
       const nonzero = w.buffer!.some((b) => b !== 0);
       expect('UNMAP', h.unmap(w.address), 'OK');
       if (!w.buffer!.every((b) => b === 0)) throw new Error('page not zeroed after UNMAP');
@@ -211,8 +214,7 @@ const CHECKS: Check[] = [
     what: 'pre-unhook: the tool gets the UNHOOK event, its pages are revoked, the VM is gone',
     async run(h) {
       if (!h.ctx.unhook) throw new SkipCheck('needs the device manager to pre-unhook the VM (only the model can trigger it from here)');
-      const w = h.page();
-      expect('MAP', h.map(await h.token(), h.ctx.gpa, w.address), 'OK');
+      const w = await h.mapped();
       await h.ctx.unhook();
       if (h.ctx.vm.state !== 'gone') throw new Error(`VM state is ${h.ctx.vm.state} after unhook`);
       if (h.ctx.hostMappings && h.ctx.hostMappings() !== 0) throw new Error(`host still holds ${h.ctx.hostMappings()} mappings`);
