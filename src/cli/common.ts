@@ -109,6 +109,16 @@ export async function openRam(path: string, opts: { writable?: boolean; tokens?:
   };
 }
 
+/** Runs `body` on a RAM file opened with openRam(), and always tears the stack down after. */
+export async function withRam<T>(path: string, body: (ram: RamTarget) => Promise<T>): Promise<T> {
+  const ram = await openRam(path);
+  try {
+    return await body(ram);
+  } finally {
+    await ram.close();
+  }
+}
+
 /** Runs a command body with the CLI's error conventions. */
 export async function runCommand(body: () => Promise<number | void>): Promise<void> {
   try {

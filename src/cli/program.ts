@@ -9,7 +9,7 @@ import { PhysicalReader, AddressSpace, scan } from '../inspect/index.js';
 import { IntrospectionServer } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
 import { ModelLab } from '../client/model-lab.js';
-import { CliUsageError, EXIT, hexdump, openRam, output, parseAddress, parseCount, progressBar, runCommand } from './common.js';
+import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, runCommand, withRam } from './common.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { formatTable, runBench } from './bench.js';
@@ -49,8 +49,7 @@ export function buildProgram(): Command {
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       const needle = patternOf(o);
-      const ram = await openRam(o.ram);
-      try {
+      return withRam(o.ram, async (ram) => {
         const to: bigint = o.to ?? ram.end;
         const from: bigint = o.from ?? 0n;
         if (to > ram.end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${o.ram} (${hex(ram.end)})`);
@@ -67,9 +66,7 @@ export function buildProgram(): Command {
         out.say(`${r.matches.length} match(es) in ${(r.scannedBytes / 2 ** 20).toFixed(1)} MiB, ${r.skippedPages} pages skipped, ${ms.toFixed(0)} ms`);
         out.result({ ram: o.ram, from, to, matches: r.matches, scannedBytes: r.scannedBytes, skippedPages: r.skippedPages, ms });
         return r.matches.length > 0 ? EXIT.OK : EXIT.FAILED;
-      } finally {
-        await ram.close();
-      }
+      });
     }));
 
   program.command('read')
@@ -82,15 +79,12 @@ export function buildProgram(): Command {
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       if (o.len > 64 * 2 ** 20) throw new CliUsageError('--len is limited to 64 MiB per read');
-      const ram = await openRam(o.ram);
-      try {
+      await withRam(o.ram, async (ram) => {
         if (o.gpa + BigInt(o.len) > ram.end) throw new CliUsageError(`[${hex(o.gpa)}, +${o.len}) reaches past the end of ${o.ram} (${hex(ram.end)})`);
         const data = await ram.session.read(ram.vm, o.gpa, o.len);
         out.say(hexdump(data, o.gpa));
         out.result({ ram: o.ram, gpa: o.gpa, length: data.length, hex: data.toString('hex') });
-      } finally {
-        await ram.close();
-      }
+      });
     }));
 
   program.command('translate')
@@ -103,16 +97,12 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nExamples:\n  kvmmem translate --ram /dev/shm/guest.ram --cr3 0x2a3c000 --va 0xffffffff81e00100')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
-      const ram = await openRam(o.ram);
-      const reader = new PhysicalReader(ram.session, ram.vm, { cachePages: 16 });
-      try {
+      await withRam(o.ram, async (ram) => {
+        using reader = new PhysicalReader(ram.session, ram.vm, { cachePages: 16 });
         const tr = await new AddressSpace(reader, o.cr3, { levels: o.levels }).translate(o.va);
         out.say(`${hex(o.va)} -> ${hex(tr.gpa)} (${tr.pageSize} byte page; entries ${tr.entries.map(hex).join(' ')})`);
         out.result({ cr3: o.cr3, va: o.va, gpa: tr.gpa, pageSize: tr.pageSize, entries: tr.entries });
-      } finally {
-        reader.close();
-        await ram.close();
-      }
+      });
     }));
 
   program.command('selftest')
