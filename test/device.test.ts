@@ -84,9 +84,10 @@ test('permission errors carry a hint (as an unprivileged user)', (t) => {
   writeFileSync(node, '');
   chmodSync(node, 0o600);
   chmodSync(dir, 0o755);
+  // Load the module first (the checkout may be unreadable to nobody), then drop to nobody.
   const code = `
-    if (process.getuid() === 0) process.setuid(65534);
     const { LinuxDevice } = await import(${JSON.stringify(new URL('../src/device/linux-device.ts', import.meta.url).href)});
+    if (process.getuid() === 0) process.setuid(65534);
     try { LinuxDevice.open(${JSON.stringify(node)}); console.log('opened'); }
     catch (e) { console.log(JSON.stringify({ code: e.code, errno: e.errno, message: e.message })); }`;
   const out = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { encoding: 'utf8' });
