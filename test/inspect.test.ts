@@ -288,7 +288,9 @@ test('scan: bad arguments are usage errors', async (t) => {
   await t.throwsAsync(scan(f.session, f.vm, 'x', {} as never), { code: 'ERR_INVALID_ARG' });
   await t.throwsAsync(scan(f.session, f.vm, 'x', { to: 4096n, chunkPages: 0 }), { code: 'ERR_INVALID_ARG' });
   await t.throwsAsync(scan(f.session, f.vm, { regex: /x/, maxLength: 0 }, { to: 4096n }), { code: 'ERR_INVALID_ARG' });
-  t.deepEqual(await scan(f.session, f.vm, 'x', { from: 8192n, to: 4096n }), { matches: [], scannedBytes: 0, skippedPages: 0 });
+  // from > to is a mistake, not an empty scan (an empty range is from === to)
+  await t.throwsAsync(scan(f.session, f.vm, 'x', { from: 8192n, to: 4096n }), { code: 'ERR_INVALID_ARG', message: /from 0x2000 is past to 0x1000/ });
+  t.deepEqual(await scan(f.session, f.vm, 'x', { from: 4096n, to: 4096n }), { matches: [], scannedBytes: 0, skippedPages: 0 });
 });
 
 /** Every occurrence (overlapping) of `pat` in RAM between from and to, byte by byte over GuestMemory.read. */

@@ -17,10 +17,11 @@ export function toAddress(value: AddressLike, what = 'address'): bigint {
   let v: bigint;
   if (typeof value === 'bigint') v = value;
   else if (typeof value === 'number') {
+    if (!Number.isInteger(value)) throw new UsageError(`${what} ${value} is not an integer`, 'addresses are whole numbers of bytes');
     if (!Number.isSafeInteger(value)) throw new UsageError(`${what} ${value} is not a safe integer`, 'pass a bigint for addresses above 2^53');
     v = BigInt(value);
-  } else if (typeof value === 'string' && /^\s*(0x[0-9a-f_]+|0o[0-7_]+|0b[01_]+|[0-9_]+)\s*$/i.test(value)) {
-    v = BigInt(value.trim().replaceAll('_', ''));
+  } else if (typeof value === 'string' && /^(0x[0-9a-f](_?[0-9a-f])*|0o[0-7](_?[0-7])*|0b[01](_?[01])*|[0-9](_?[0-9])*)$/i.test(value)) {
+    v = BigInt(value.replaceAll('_', ''));
   } else {
     throw new UsageError(`${what} ${JSON.stringify(value)} is not an address`, 'give it as a bigint, a number, or a string in hex (0x...) or decimal');
   }

@@ -19,3 +19,15 @@ export class RetryExhaustedError extends KvmmemError {
     });
   }
 }
+
+const mib = (n: number): string => n === Infinity ? 'unlimited' : n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${Math.ceil(n / 1024)} KiB`;
+
+/** Local pages could not be locked within RLIMIT_MEMLOCK, even after giving back every cached page. */
+export class LockedMemoryError extends KvmmemError {
+  constructor(wanted: number, locked: number, limit: number, quarantined: number, cause: unknown) {
+    super(`mlock: cannot lock ${mib(wanted)} more of local pages (kvmmem holds ${mib(locked)} locked, ${mib(quarantined)} of it behind stale views; RLIMIT_MEMLOCK ${mib(limit)})`, {
+      code: 'ENOMEM', errno: -12, syscall: 'mlock', cause,
+      hint: 'unmap pages you no longer need or map fewer at once, drop references to Buffers of unmapped pages so they can be collected, or raise the limit (ulimit -l, systemd LimitMEMLOCK=, or CAP_IPC_LOCK)',
+    });
+  }
+}

@@ -5,7 +5,7 @@
 import { LinuxDevice, DEFAULT_DEVICE_PATH } from '../device/linux-device.js';
 import type { Device } from '../device/device.js';
 import { UsageError } from '../errors.js';
-import { Session, type SessionOptions } from './session.js';
+import { Session, validateSessionOptions, type SessionOptions } from './session.js';
 
 /** Anything that can open a model device: a ModelHost from 'kvmmem/model'. */
 export interface DeviceOpener {
@@ -25,6 +25,7 @@ export const KvmMem = {
    * `KvmMem.open({ binding })`: any Device implementation.
    */
   open(options: OpenOptions = {}): Session {
+    validateSessionOptions(options); // before anything is opened: a bad option leaks nothing
     let device: Device;
     if ('model' in options && options.model) {
       if (typeof options.model.openDevice !== 'function') throw new UsageError('open: { model } must be a ModelHost (it has no openDevice())');

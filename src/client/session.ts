@@ -10,11 +10,11 @@ import { MEM_MAP_SIZE, MEM_TOKEN_SIZE, encodeMemMap } from '../abi/structs.js';
 import type { Device } from '../device/device.js';
 import { ClosedError, KvmmemError, UsageError } from '../errors.js';
 import * as libc from '../sys/libc.js';
-import { Window } from '../sys/window.js';
 import { PAGE_SIZE, hex, pageBase, pageOffset, toAddress, type AddressLike } from './address.js';
 import { RetryExhaustedError, UseAfterUnmapError } from './errors.js';
-import { pagePool, type PageSlot } from './pool.js';
-import { vmGoneError, type TargetVm } from './target.js';
+import { localMemory, type Lease } from './local-memory.js';
+import { assertTargetVm, vmGoneError, type TargetVm } from './target.js';
+import { leaveVm, vmShare, type VmShare } from './vm-share.js';
 
 const debug = debuglog('kvmmem');
 
@@ -43,6 +43,8 @@ export interface SessionStats {
   unmaps: number;
   tokens: number;
   tokenRoundTrips: number;
+  /** Token requests the host refused (EAGAIN: over its outstanding limit, e.g. tokens held by another process). */
+  tokensRefused: number;
   retries: number;
   revoked: number;
 }
@@ -60,7 +62,7 @@ type Why = 'unmapped' | 'session closed' | 'vm unhooked';
 interface PageRecord {
   readonly vm: TargetVm;
   readonly gpa: bigint;
-  readonly slot: PageSlot;
+  readonly lease: Lease;
   dead: Why | null;
 }
 
@@ -69,7 +71,7 @@ interface RangeRecord {
   readonly vm: TargetVm;
   readonly gpa: bigint; // page-aligned start
   readonly pages: number;
-  readonly window: Window;
+  readonly lease: Lease;
   readonly mapped: Uint8Array; // 1 = mapped now
   live: number;
   dead: Why | null;
@@ -78,35 +80,53 @@ interface RangeRecord {
 interface VmIndex {
   pages: Set<PageRecord>;
   ranges: Set<RangeRecord>;
+  share: VmShare;
   onEnd: () => void;
 }
 
-/** Windows of released ranges, by page count: never unmapped (stale views stay safe), reused. */
-const rangeWindows = new Map<number, Window[]>();
-function takeRangeWindow(pages: number): Window {
-  const w = rangeWindows.get(pages)?.pop();
-  return w ?? Window.alloc(pages * PAGE_SIZE);
-}
-function giveRangeWindow(w: Window): void {
-  const pages = w.length / PAGE_SIZE;
-  let list = rangeWindows.get(pages);
-  if (!list) rangeWindows.set(pages, (list = []));
-  list.push(w);
+/**
+ * A mapping lives as long as anything can reach it: its MappedPage/MappedRange
+ * or any Buffer over it (they all keep the one view's ArrayBuffer). When the
+ * view is collected while still mapped, this unmaps it (local-memory.ts then
+ * recycles the address). It must not refer to the view.
+ */
+function unmapWhenCollected(session: WeakRef<Session>, rec: PageRecord | RangeRecord): () => void {
+  return () => {
+    const s = session.deref();
+    if (!s || s.closed || rec.dead) return;
+    debug('a %s of vm %s at gpa %s was garbage-collected while mapped: unmapping it (call unmap() or use `using`)',
+      'pages' in rec ? 'range' : 'page', rec.vm.name, hex(rec.gpa));
+    if ('pages' in rec) s._unmapRange(rec, 'unmapped');
+    else s._unmapPage(rec, 'unmapped');
+  };
 }
 
-// Pages and ranges dropped without unmap() are unmapped when collected.
-const finalizer = new FinalizationRegistry<{ session: WeakRef<Session>; rec: PageRecord | RangeRecord }>(({ session, rec }) => {
-  const s = session.deref();
-  if (!s || s.closed || rec.dead) return;
-  debug('a %s of vm %s at gpa %s was garbage-collected while mapped: unmapping it (call unmap() or use `using`)',
-    'window' in rec ? 'range' : 'page', rec.vm.name, hex(rec.gpa));
-  try {
-    if ('window' in rec) s._unmapRange(rec, 'unmapped');
-    else s._unmapPage(rec, 'unmapped');
-  } catch (e) {
-    debug('finalizer unmap failed: %s', (e as Error).message);
-  }
-});
+const MAX_TOKENS_IN_FLIGHT = 4096;
+
+/** Checks SessionOptions before anything is opened (KvmMem.open calls it first). */
+export function validateSessionOptions(options: SessionOptions): Required<SessionOptions> {
+  if (options === null || typeof options !== 'object') throw new UsageError(`options must be an object, got ${options === null ? 'null' : typeof options}`);
+  const o = { ...DEFAULTS };
+  for (const k of Object.keys(DEFAULTS) as (keyof SessionOptions)[]) if (options[k] !== undefined) o[k] = options[k]!;
+  const int = (name: keyof SessionOptions, min: number, max: number): void => {
+    const v = o[name];
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+      throw new UsageError(`options.${name} must be an integer in ${min}..${max}, got ${typeof v === 'number' ? v : JSON.stringify(v)}`);
+    }
+  };
+  int('maxTokensInFlight', 1, MAX_TOKENS_IN_FLIGHT);
+  int('retries', 1, 1_000_000);
+  int('retryDelayMs', 0, 3_600_000);
+  int('deadlineMs', 1, 86_400_000);
+  return o;
+}
+
+/** One token request of a #mapItems call: its items, the reply, and what it holds of the VM's budget. */
+interface Batch {
+  readonly chunk: Int32Array;
+  readonly got: Promise<(Uint8Array | Error)[]>;
+  grant: number;
+}
 
 /** Per-page flags of one #mapItems call. */
 const ENOENT_RETRIED = 1;
@@ -128,14 +148,12 @@ export class Session {
   #unmapValues = Buffer.alloc(0);
   #unmapResults = new Int32Array(0);
   #closed = false;
-  readonly #stats: SessionStats = { live: 0, maps: 0, unmaps: 0, tokens: 0, tokenRoundTrips: 0, retries: 0, revoked: 0 };
+  readonly #stats: SessionStats = { live: 0, maps: 0, unmaps: 0, tokens: 0, tokenRoundTrips: 0, tokensRefused: 0, retries: 0, revoked: 0 };
 
   constructor(device: Device, options: SessionOptions = {}) {
+    this.options = validateSessionOptions(options);
     this.device = device;
-    this.options = { ...DEFAULTS, ...options };
-    const o = this.options;
-    if (!Number.isInteger(o.maxTokensInFlight) || o.maxTokensInFlight < 1) throw new UsageError(`maxTokensInFlight must be a positive integer, got ${o.maxTokensInFlight}`);
-    if (!Number.isInteger(o.retries) || o.retries < 1) throw new UsageError(`retries must be a positive integer, got ${o.retries}`);
+    localMemory.sessionOpened();
   }
 
   get closed(): boolean { return this.#closed; }
@@ -143,24 +161,25 @@ export class Session {
 
   /** Maps the guest page containing `gpa` of `vm` at a fresh local page. */
   async map(vm: TargetVm, gpa: AddressLike): Promise<MappedPage> {
+    assertTargetVm(vm, 'map');
     const base = pageBase(toAddress(gpa, 'gpa'));
     this.#check(vm);
-    const slot = pagePool.take();
+    const idx = this.#index(vm);
+    const lease = localMemory.takePage();
     try {
-      await this.#mapItems(vm, base, slot.address, 1, this.#pageAlive);
+      await this.#mapItems(vm, base, lease.address, 1, this.#pageAlive);
     } catch (e) {
-      pagePool.give(slot);
+      localMemory.release(lease); // never viewed: reusable at once
       throw e;
     }
     // No mlock here: the page stays locked. A real host changes its EPT, not our page
     // table; the model host re-locks every page it puts in with MAP_FIXED (host.ts).
-    const rec: PageRecord = { vm, gpa: base, slot, dead: null };
-    this.#pages.set(slot.address, rec);
-    this.#index(vm).pages.add(rec);
+    const rec: PageRecord = { vm, gpa: base, lease, dead: null };
+    this.#pages.set(lease.address, rec);
+    idx.pages.add(rec);
     this.#stats.live++;
-    const page = new MappedPage(this, rec);
-    finalizer.register(page, { session: this.#ref, rec }, rec);
-    if (debug.enabled) debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(slot.address));
+    const page = new MappedPage(this, rec, localMemory.view(lease, unmapWhenCollected(this.#ref, rec)));
+    if (debug.enabled) debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(lease.address));
     return page;
   }
 
@@ -170,50 +189,69 @@ export class Session {
    * on failure every page already mapped is unmapped again.
    */
   async mapRange(vm: TargetVm, gpa: AddressLike, length: number): Promise<MappedRange> {
+    assertTargetVm(vm, 'mapRange');
     const start = toAddress(gpa, 'gpa');
-    if (!Number.isSafeInteger(length) || length <= 0) throw new UsageError(`mapRange: length must be a positive integer, got ${length}`);
+    checkLength('mapRange', start, length, false);
+    const rec = await this.#mapRangeRecord(vm, start, length);
+    const range = new MappedRange(this, rec, localMemory.view(rec.lease, unmapWhenCollected(this.#ref, rec)), pageOffset(start), length);
+    if (debug.enabled) debug('mapRange vm=%s gpa=%s pages=%d -> %s', vm.name, hex(rec.gpa), rec.pages, hex(rec.lease.address));
+    return range;
+  }
+
+  /** Copies `length` bytes of guest memory at `gpa` (any alignment, page crossings handled); 0 bytes: an empty Buffer. */
+  async read(vm: TargetVm, gpa: AddressLike, length: number): Promise<Buffer> {
+    assertTargetVm(vm, 'read');
+    const start = toAddress(gpa, 'gpa');
+    checkLength('read', start, length, true);
+    if (length === 0) return Buffer.alloc(0);
+    // The copy goes through a view that never leaves the session, so the window is reused at once.
+    const rec = await this.#mapRangeRecord(vm, start, length);
+    try {
+      const off = pageOffset(start);
+      return Buffer.from(localMemory.internalView(rec.lease).subarray(off, off + length));
+    } finally {
+      this._unmapRange(rec, 'unmapped');
+    }
+  }
+
+  /** Writes `data` (a Buffer or any Uint8Array; not a string) into guest memory at `gpa` (any alignment, page crossings handled). */
+  async write(vm: TargetVm, gpa: AddressLike, data: Uint8Array): Promise<void> {
+    assertTargetVm(vm, 'write');
+    const start = toAddress(gpa, 'gpa');
+    if (!(data instanceof Uint8Array)) {
+      throw new UsageError(`write: data must be a Buffer or Uint8Array, got ${data === null ? 'null' : typeof data}`, typeof data === 'string' ? 'encode text first, e.g. Buffer.from(text, \'latin1\')' : undefined);
+    }
+    checkLength('write', start, data.length, true);
+    if (data.length === 0) return;
+    const rec = await this.#mapRangeRecord(vm, start, data.length);
+    try {
+      const off = pageOffset(start);
+      localMemory.internalView(rec.lease).set(data, off);
+    } finally {
+      this._unmapRange(rec, 'unmapped');
+    }
+  }
+
+  /** Maps every page covering [start, start+length) into one window; all or nothing. */
+  async #mapRangeRecord(vm: TargetVm, start: bigint, length: number): Promise<RangeRecord> {
     const first = pageBase(start);
     const pages = Math.ceil((pageOffset(start) + length) / PAGE_SIZE);
-    if (pages * PAGE_SIZE > libc.MAX_VIEW_BYTES) throw new UsageError(`mapRange: ${pages} pages exceed one 4 GiB view`, 'map the range in pieces of at most 4 GiB');
     this.#check(vm);
-    const window = takeRangeWindow(pages);
-    const rec: RangeRecord = { vm, gpa: first, pages, window, mapped: new Uint8Array(pages), live: 0, dead: null };
+    const idx = this.#index(vm);
+    const lease = localMemory.takeWindow(pages);
+    const rec: RangeRecord = { vm, gpa: first, pages, lease, mapped: new Uint8Array(pages), live: 0, dead: null };
     // Registered before the first await, so an unhook or close in the middle finds it.
     this.#ranges.add(rec);
-    this.#index(vm).ranges.add(rec);
+    idx.ranges.add(rec);
     try {
-      await this.#mapItems(vm, first, window.address, pages, rec);
+      await this.#mapItems(vm, first, lease.address, pages, rec);
     } catch (e) {
-      if (rec.dead === null) this._unmapRange(rec, 'unmapped');
+      if (rec.dead === null && !this.#closed) this._unmapRange(rec, 'unmapped');
       else this.#forgetRange(rec);
       throw e;
     }
     // (No mlock of the window again: see map().)
-    const range = new MappedRange(this, rec, pageOffset(start), length);
-    finalizer.register(range, { session: this.#ref, rec }, rec);
-    if (debug.enabled) debug('mapRange vm=%s gpa=%s pages=%d -> %s', vm.name, hex(first), pages, hex(window.address));
-    return range;
-  }
-
-  /** Copies `length` bytes of guest memory at `gpa` (any alignment, page crossings handled). */
-  async read(vm: TargetVm, gpa: AddressLike, length: number): Promise<Buffer> {
-    const r = await this.mapRange(vm, gpa, length);
-    try {
-      return Buffer.from(r.buffer);
-    } finally {
-      r.unmap();
-    }
-  }
-
-  /** Writes `data` into guest memory at `gpa` (any alignment, page crossings handled). */
-  async write(vm: TargetVm, gpa: AddressLike, data: Uint8Array): Promise<void> {
-    if (data.length === 0) return;
-    const r = await this.mapRange(vm, gpa, data.length);
-    try {
-      r.buffer.set(data);
-    } finally {
-      r.unmap();
-    }
+    return rec;
   }
 
   /** The session's mirror of the driver's per-file list. */
@@ -222,7 +260,7 @@ export class Session {
     for (const [address, rec] of this.#pages) out.push({ kind: 'page', vm: rec.vm.uuid, gpa: rec.gpa, address: BigInt(address) });
     for (const rec of this.#ranges) {
       for (let i = 0; i < rec.pages; i++) {
-        if (rec.mapped[i]) out.push({ kind: 'range-page', vm: rec.vm.uuid, gpa: rec.gpa + BigInt(i * PAGE_SIZE), address: BigInt(rec.window.address + i * PAGE_SIZE) });
+        if (rec.mapped[i]) out.push({ kind: 'range-page', vm: rec.vm.uuid, gpa: rec.gpa + BigInt(i * PAGE_SIZE), address: BigInt(rec.lease.address + i * PAGE_SIZE) });
       }
     }
     return out;
@@ -238,13 +276,15 @@ export class Session {
     try {
       this.device.close();
     } finally {
-      for (const rec of this.#pages.values()) { rec.dead = 'session closed'; pagePool.give(rec.slot); finalizer.unregister(rec); }
-      for (const rec of this.#ranges) { rec.dead = 'session closed'; rec.mapped.fill(0); rec.live = 0; giveRangeWindow(rec.window); finalizer.unregister(rec); }
+      // The driver's release() unmapped everything; the addresses wait for their views.
+      for (const rec of this.#pages.values()) { rec.dead = 'session closed'; localMemory.release(rec.lease); }
+      for (const rec of this.#ranges) { rec.dead = 'session closed'; rec.mapped.fill(0); rec.live = 0; localMemory.release(rec.lease); }
       this.#pages.clear();
       this.#ranges.clear();
       for (const [vm, idx] of this.#byVm) this.#unwatch(vm, idx);
       this.#byVm.clear();
       this.#stats.live = 0;
+      localMemory.sessionClosed();
       debug('session closed');
     }
   }
@@ -256,13 +296,12 @@ export class Session {
   _unmapPage(rec: PageRecord, why: Why): void {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
-    const r = this.#unmapOne(rec.slot.address);
+    const r = this.#unmapOne(rec.lease.address);
     rec.dead = why;
-    this.#pages.delete(rec.slot.address);
+    this.#pages.delete(rec.lease.address);
     this.#byVm.get(rec.vm)?.pages.delete(rec);
     this.#stats.live--;
-    finalizer.unregister(rec);
-    pagePool.give(rec.slot);
+    localMemory.release(rec.lease);
     if (r < 0 && r !== -ERRNO.ENOENT) throw this.device.error(KVM_INTRO_MEM_UNMAP, r);
   }
 
@@ -273,7 +312,7 @@ export class Session {
     if (rec.live > 0) {
       const { values, results } = this.#unmapScratch(rec.live);
       let n = 0;
-      const base = rec.window.address;
+      const base = rec.lease.address;
       for (let i = 0; i < rec.pages; i++) {
         if (rec.mapped[i]) {
           const a = base + i * PAGE_SIZE; // < 2^47: two exact u32 halves
@@ -300,8 +339,7 @@ export class Session {
     rec.dead ??= 'unmapped';
     if (!this.#ranges.delete(rec)) return;
     this.#byVm.get(rec.vm)?.ranges.delete(rec);
-    finalizer.unregister(rec);
-    giveRangeWindow(rec.window);
+    localMemory.release(rec.lease);
   }
 
   #unmapOne(address: number): number {
@@ -325,17 +363,16 @@ export class Session {
       // UNHOOK (or the connection ending): unmap every page of that VM, synchronously,
       // before the channel replies and closes the socket (seed 004).
       const onEnd = () => this.#revokeVm(vm);
-      idx = { pages: new Set(), ranges: new Set(), onEnd };
-      vm.on('unhook', onEnd);
-      vm.on('gone', onEnd);
+      const share = vmShare(vm);
+      share.join(onEnd, this.options.maxTokensInFlight);
+      idx = { pages: new Set(), ranges: new Set(), share, onEnd };
       this.#byVm.set(vm, idx);
     }
     return idx;
   }
 
   #unwatch(vm: TargetVm, idx: VmIndex): void {
-    vm.off('unhook', idx.onEnd);
-    vm.off('gone', idx.onEnd);
+    leaveVm(vm, idx.onEnd);
   }
 
   #revokeVm(vm: TargetVm): void {
@@ -384,122 +421,140 @@ export class Session {
     let delay = 1;
     let lastTransient: Error | null = null;
     const rollback = (err: unknown): unknown => this.#rollback(count, flags, addr0, err);
-    while (pending.length > 0) {
-      const next: number[] = [];
-      let transient = false;
-      const depth = budget >= 2 * PIPELINE_MIN && pending.length > budget ? 2 : 1;
-      const size = depth === 2 ? Math.ceil(budget / 2) : budget;
-      let off = 0;
-      const inflight: { chunk: Int32Array; got: Promise<(Uint8Array | Error)[]> }[] = [];
-      const issue = () => {
-        if (off >= pending.length) return;
-        const chunk = pending.subarray(off, off + size);
-        off += chunk.length;
-        let got: Promise<(Uint8Array | Error)[]>;
-        try {
-          got = vm.getMapTokensSettled(chunk.length);
-        } catch (e) {
-          got = Promise.reject(e); // a TargetVm that throws instead of rejecting: handled where awaited
-        }
-        got.catch(noop); // awaited below; never an unhandled rejection if this call throws first
-        inflight.push({ chunk, got });
-      };
-      for (let d = 0; d < depth; d++) issue();
-      while (inflight.length > 0) {
-        const { chunk, got: gotP } = inflight.shift()!;
-        let got: (Uint8Array | Error)[];
-        try {
-          got = await gotP;
-        } catch (e) {
+    // Tokens counted out of the VM's budget (shared with other sessions) and not yet given back.
+    const share = this.#index(vm).share;
+    const granted: Batch[] = [];
+    const giveBack = (b: Batch): void => {
+      if (b.grant > 0) { share.release(b.grant); b.grant = 0; }
+    };
+    try {
+      while (pending.length > 0) {
+        const next: number[] = [];
+        let transient = false;
+        const depth = budget >= 2 * PIPELINE_MIN && pending.length > budget ? 2 : 1;
+        const size = depth === 2 ? Math.floor(budget / 2) : budget;
+        let off = 0;
+        const inflight: Batch[] = [];
+        const issue = () => {
+          if (off >= pending.length) return;
+          const chunk = pending.subarray(off, off + size);
+          off += chunk.length;
+          // Wait for this batch's turn in the VM's budget, then ask (a TargetVm that throws
+          // instead of rejecting lands in the same rejection).
+          const got = share.acquire(chunk.length).then(() => {
+            this.#aliveOrThrow(vm, alive);
+            return vm.getMapTokensSettled(chunk.length);
+          });
+          got.catch(noop); // awaited below; never an unhandled rejection if this call throws first
+          const b: Batch = { chunk, got, grant: chunk.length };
+          inflight.push(b);
+          granted.push(b);
+        };
+        for (let d = 0; d < depth; d++) issue();
+        while (inflight.length > 0) {
+          const batch = inflight.shift()!;
+          const { chunk, got: gotP } = batch;
+          let got: (Uint8Array | Error)[];
+          try {
+            got = await gotP;
+          } catch (e) {
+            giveBack(batch);
+            this.#aliveOrThrow(vm, alive);
+            throw rollback(e);
+          }
+          this.#stats.tokenRoundTrips++;
           this.#aliveOrThrow(vm, alive);
-          throw rollback(e);
-        }
-        this.#stats.tokenRoundTrips++;
-        this.#aliveOrThrow(vm, alive);
-        // Use every token that came back; requests the host refused (EAGAIN: over its
-        // outstanding limit) go round again with a smaller batch.
-        const { records, results, use } = this.#scratch(chunk.length);
-        let n = 0;
-        for (let k = 0; k < chunk.length; k++) {
-          const g = got[k]!;
-          const i = chunk[k]!;
-          if (g instanceof Uint8Array) {
-            const at = n * MEM_MAP_SIZE;
-            const x = gpaLo + i * PAGE_SIZE;
-            const hi = gpaHi + Math.floor(x / TWO32);
-            if (hi >= TWO32 || g.length !== MEM_TOKEN_SIZE) {
-              // not a token, or past 2^64: encodeMemMap throws its typed error
-              encodeMemMap({ token: g, gpa: gpa0 + BigInt(i * PAGE_SIZE), gva: BigInt(addr0 + i * PAGE_SIZE) }, records, at);
+          // Use every token that came back; requests the host refused (EAGAIN: over its
+          // outstanding limit) go round again with a smaller batch.
+          const { records, results, use } = this.#scratch(chunk.length);
+          let n = 0;
+          for (let k = 0; k < chunk.length; k++) {
+            const g = got[k]!;
+            const i = chunk[k]!;
+            if (g instanceof Uint8Array) {
+              const at = n * MEM_MAP_SIZE;
+              const x = gpaLo + i * PAGE_SIZE;
+              const hi = gpaHi + Math.floor(x / TWO32);
+              if (hi >= TWO32 || g.length !== MEM_TOKEN_SIZE) {
+                // not a token, or past 2^64: encodeMemMap throws its typed error
+                encodeMemMap({ token: g, gpa: gpa0 + BigInt(i * PAGE_SIZE), gva: BigInt(addr0 + i * PAGE_SIZE) }, records, at);
+              }
+              records.set(g, at);
+              records.writeUInt32LE(x >>> 0, at + 32);
+              records.writeUInt32LE(hi, at + 36);
+              const a = addr0 + i * PAGE_SIZE; // < 2^47: two exact u32 halves
+              records.writeUInt32LE(a >>> 0, at + 40);
+              records.writeUInt32LE(Math.floor(a / TWO32), at + 44);
+              tries[i]!++;
+              use[n++] = i;
+            } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
+              this.#stats.tokensRefused++;
+              next.push(i);
+              transient = true;
+              lastTransient = g;
+            } else {
+              throw rollback(g);
             }
-            records.set(g, at);
-            records.writeUInt32LE(x >>> 0, at + 32);
-            records.writeUInt32LE(hi, at + 36);
-            const a = addr0 + i * PAGE_SIZE; // < 2^47: two exact u32 halves
-            records.writeUInt32LE(a >>> 0, at + 40);
-            records.writeUInt32LE(Math.floor(a / TWO32), at + 44);
-            tries[i]!++;
-            use[n++] = i;
-          } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
-            next.push(i);
-            transient = true;
-            lastTransient = g;
-          } else {
-            throw rollback(g);
           }
-        }
-        got.length = 0;
-        if (n < chunk.length && budget > 1) {
-          // Over the host's limit (someone else holds tokens of this VM too): shrink, and
-          // stop issuing in this pass (what is in flight is still used; the rest goes round again).
-          budget = Math.max(1, n);
-          for (let k = off; k < pending.length; k++) next.push(pending[k]!);
-          off = pending.length;
-        }
-        this.#stats.tokens += n;
-        if (n > 0) {
-          this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, n, results);
-          records.fill(0, 0, n * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
-        }
-        // Record every success of the batch before acting on a failure, so rollback sees them all.
-        let fatal: unknown = null;
-        let mapped = 0;
-        for (let k = 0; k < n; k++) {
-          const i = use[k]!;
-          const r = results[k]!;
-          if (r >= 0) {
-            flags[i]! |= DONE;
-            mapped++;
-            if (range !== null) range.mapped[i] = 1;
-          } else if (r === -ERRNO.ENOENT && (flags[i]! & ENOENT_RETRIED) === 0 && vm.state === 'connected') {
-            flags[i]! |= ENOENT_RETRIED;
-            this.#stats.retries++;
-            next.push(i);
-          } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && tries[i]! < o.retries && Date.now() - t0 < o.deadlineMs) {
-            this.#stats.retries++;
-            transient = true;
-            next.push(i);
-          } else {
-            fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
-              ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, tries[i]!, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
-              : vm.state !== 'connected' ? vmGoneError(vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
+          got.length = 0;
+          if (n < chunk.length && budget > 1) {
+            // Over the host's limit (someone else holds tokens of this VM too): shrink, and
+            // stop issuing in this pass (what is in flight is still used; the rest goes round again).
+            budget = Math.max(1, n);
+            for (let k = off; k < pending.length; k++) next.push(pending[k]!);
+            off = pending.length;
           }
+          this.#stats.tokens += n;
+          if (n > 0) {
+            this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, n, results);
+            records.fill(0, 0, n * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+          }
+          giveBack(batch); // used by the MAPs (or refused by the host): no longer outstanding
+          // Record every success of the batch before acting on a failure, so rollback sees them all.
+          let fatal: unknown = null;
+          let mapped = 0;
+          for (let k = 0; k < n; k++) {
+            const i = use[k]!;
+            const r = results[k]!;
+            if (r >= 0) {
+              flags[i]! |= DONE;
+              mapped++;
+              if (range !== null) range.mapped[i] = 1;
+            } else if (r === -ERRNO.ENOENT && (flags[i]! & ENOENT_RETRIED) === 0 && vm.state === 'connected') {
+              flags[i]! |= ENOENT_RETRIED;
+              this.#stats.retries++;
+              next.push(i);
+            } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && tries[i]! < o.retries && Date.now() - t0 < o.deadlineMs) {
+              this.#stats.retries++;
+              transient = true;
+              next.push(i);
+            } else {
+              fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
+                ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, tries[i]!, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
+                : vm.state !== 'connected' ? vmGoneError(vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
+            }
+          }
+          this.#stats.maps += mapped;
+          if (range !== null) {
+            range.live += mapped;
+            this.#stats.live += mapped;
+          }
+          if (fatal !== null) throw rollback(fatal);
+          // The MAPs consumed this batch's tokens: room for the next request.
+          issue();
         }
-        this.#stats.maps += mapped;
-        if (range !== null) {
-          range.live += mapped;
-          this.#stats.live += mapped;
+        pending = Int32Array.from(next);
+        if (pending.length > 0 && transient) {
+          if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw rollback(lastTransient);
+          await new Promise((res) => setTimeout(res, delay));
+          delay = Math.min(Math.max(1, delay * 2), o.retryDelayMs);
+          if (!this.#aliveOrThrow(vm, alive)) break;
         }
-        if (fatal !== null) throw rollback(fatal);
-        // The MAPs consumed this batch's tokens: room for the next request.
-        issue();
       }
-      pending = Int32Array.from(next);
-      if (pending.length > 0 && transient) {
-        if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw rollback(lastTransient);
-        await new Promise((res) => setTimeout(res, delay));
-        delay = Math.min(delay * 2, o.retryDelayMs);
-        if (!this.#aliveOrThrow(vm, alive)) break;
-      }
+    } finally {
+      // A batch still in flight when this call gave up: its tokens stay outstanding on
+      // the host until its reply comes (then they are dropped unused).
+      for (const b of granted) if (b.grant > 0) b.got.then(() => giveBack(b), () => giveBack(b));
     }
   }
 
@@ -550,25 +605,33 @@ export class Session {
 export class MappedPage implements Disposable {
   readonly #session: Session;
   readonly #rec: PageRecord;
+  readonly #view: Buffer;
 
   /** @internal */
-  constructor(session: Session, rec: PageRecord) {
+  constructor(session: Session, rec: PageRecord, view: Buffer) {
     this.#session = session;
     this.#rec = rec;
+    this.#view = view;
   }
 
   get vm(): TargetVm { return this.#rec.vm; }
+  /** The gpa of the page's first byte (the gpa given to map(), rounded down to its page). */
   get gpa(): bigint { return this.#rec.gpa; }
-  get address(): bigint { this.#live(); return BigInt(this.#rec.slot.address); }
+  get address(): bigint { this.#live(); return BigInt(this.#rec.lease.address); }
   get mapped(): boolean { return this.#rec.dead === null; }
-  /** Live 4 KiB view of the guest page. */
-  get buffer(): Buffer { this.#live(); return this.#rec.slot.buffer; }
+  /**
+   * Live 4 KiB view of the guest page. Kept after unmap() it reads zeros and
+   * writes reach nobody; its address is not reused while the Buffer is reachable.
+   */
+  get buffer(): Buffer { this.#live(); return this.#view; }
 
   /** Copies bytes out of the page. */
   read(offset = 0, length = PAGE_SIZE - offset): Buffer {
     this.#live();
-    if (offset < 0 || length < 0 || offset + length > PAGE_SIZE) throw new RangeError(`read: [${offset}, ${offset + length}) is outside the page`);
-    return Buffer.from(this.#rec.slot.buffer.subarray(offset, offset + length));
+    if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
+      throw new UsageError(`read: [${offset}, ${offset + length}) is not inside the page (0..${PAGE_SIZE})`);
+    }
+    return Buffer.from(this.#view.subarray(offset, offset + length));
   }
 
   unmap(): void {
@@ -591,14 +654,15 @@ export class MappedPage implements Disposable {
 export class MappedRange implements Disposable {
   readonly #session: Session;
   readonly #rec: RangeRecord;
+  readonly #window: Buffer;
   readonly #offset: number;
   readonly #length: number;
-  #view: Buffer | undefined;
 
   /** @internal */
-  constructor(session: Session, rec: RangeRecord, offset: number, length: number) {
+  constructor(session: Session, rec: RangeRecord, window: Buffer, offset: number, length: number) {
     this.#session = session;
     this.#rec = rec;
+    this.#window = window;
     this.#offset = offset;
     this.#length = length;
   }
@@ -610,18 +674,18 @@ export class MappedRange implements Disposable {
   get pages(): number { return this.#rec.pages; }
   get mapped(): boolean { return this.#rec.dead === null; }
   /** Local address of the first byte asked for. */
-  get address(): bigint { this.#live(); return BigInt(this.#rec.window.address + this.#offset); }
-  /** Live view of exactly [gpa, gpa + length). */
+  get address(): bigint { this.#live(); return BigInt(this.#rec.lease.address + this.#offset); }
+  /** Live view of exactly [gpa, gpa + length) (stale after unmap: zeros, as MappedPage.buffer). */
   get buffer(): Buffer {
     this.#live();
-    return (this.#view ??= this.#rec.window.buffer!.subarray(this.#offset, this.#offset + this.#length));
+    return this.#window.subarray(this.#offset, this.#offset + this.#length);
   }
 
   /** Live view of the i-th whole page of the range. */
   page(i: number): Buffer {
     this.#live();
-    if (!Number.isInteger(i) || i < 0 || i >= this.#rec.pages) throw new RangeError(`page ${i} is outside 0..${this.#rec.pages - 1}`);
-    return this.#rec.window.buffer!.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+    if (!Number.isInteger(i) || i < 0 || i >= this.#rec.pages) throw new UsageError(`page: index ${i} is outside 0..${this.#rec.pages - 1}`);
+    return this.#window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
   }
 
   unmap(): void {
@@ -638,4 +702,14 @@ export class MappedRange implements Disposable {
   }
 
   #what(): string { return `range gpa ${hex(this.#rec.gpa + BigInt(this.#offset))}+${this.#length} of vm ${this.#rec.vm.name}`; }
+}
+
+/** A length for mapRange/read/write: an integer, the range inside 2^64 and one 4 GiB view. */
+function checkLength(what: string, start: bigint, length: number, zeroOk: boolean): void {
+  if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < (zeroOk ? 0 : 1)) {
+    throw new UsageError(`${what}: length must be ${zeroOk ? 'a non-negative' : 'a positive'} integer, got ${typeof length === 'number' ? length : JSON.stringify(length)}`);
+  }
+  if (start + BigInt(length) > 1n << 64n) throw new UsageError(`${what}: [${hex(start)}, +${length}) runs past the end of the 64-bit guest-physical space`);
+  const pages = Math.ceil((pageOffset(start) + length) / PAGE_SIZE);
+  if (pages * PAGE_SIZE > libc.MAX_VIEW_BYTES) throw new UsageError(`${what}: ${pages} pages exceed one 4 GiB view`, 'map the range in pieces of at most 4 GiB');
 }

@@ -4,6 +4,7 @@
  * other transports can bring their own.
  */
 import { VmGoneError } from '../channel/errors.js';
+import { UsageError } from '../errors.js';
 
 export interface TargetVm {
   readonly uuid: string;
@@ -20,4 +21,12 @@ export interface TargetVm {
 
 export function vmGoneError(vm: TargetVm): VmGoneError {
   return new VmGoneError(vm.state === 'unhooking' ? 'being unhooked' : 'unhooked or disconnected', { vm: vm.name, syscall: 'KVM_INTRO_MEM_MAP' });
+}
+
+/** A TargetVm-shaped argument, or a UsageError naming the call. */
+export function assertTargetVm(vm: unknown, what: string): asserts vm is TargetVm {
+  const v = vm as Partial<TargetVm> | null;
+  if (v === null || typeof v !== 'object' || typeof v.getMapTokensSettled !== 'function' || typeof v.on !== 'function' || typeof v.off !== 'function' || typeof v.state !== 'string') {
+    throw new UsageError(`${what}: vm must be a connected VM (from server.waitForVm() or lab.vm()), got ${v === null ? 'null' : typeof v}`);
+  }
 }

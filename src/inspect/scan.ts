@@ -14,9 +14,9 @@
  *   once whatever the scan holds is unmapped.
  */
 import { KvmmemError, UsageError } from '../errors.js';
-import { PAGE_SIZE, pageBase, toAddress, type AddressLike } from '../client/address.js';
-import type { MappedRange, Session } from '../client/session.js';
-import type { TargetVm } from '../client/target.js';
+import { PAGE_SIZE, hex, pageBase, toAddress, type AddressLike } from '../client/address.js';
+import { Session, type MappedRange } from '../client/session.js';
+import { assertTargetVm, type TargetVm } from '../client/target.js';
 import { AbortError } from './errors.js';
 
 const PS = BigInt(PAGE_SIZE);
@@ -206,11 +206,18 @@ function compilePattern(pattern: ScanPattern, found: (gpa: bigint) => boolean): 
   throw new UsageError('scan: pattern must be a Uint8Array/Buffer, a string, or { regex: RegExp, maxLength: number }');
 }
 
+const onProgressOrSignalBad = (o: ScanOptions): boolean =>
+  (o.onProgress !== undefined && typeof o.onProgress !== 'function') || (o.signal !== undefined && !(o.signal instanceof AbortSignal));
+
 /** Search [from, to) of `vm`'s guest-physical memory for `pattern`. */
 export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern, opts: ScanOptions): Promise<ScanResult> {
   if (opts === undefined || opts.to === undefined) throw new UsageError('scan: { to } is required (one past the last gpa to search)');
+  if (!(session instanceof Session)) throw new UsageError('scan: session must be a Session (from KvmMem.open() or lab.open())');
+  assertTargetVm(vm, 'scan');
   const from = toAddress(opts.from ?? 0n, 'from');
   const to = toAddress(opts.to, 'to');
+  if (from > to) throw new UsageError(`scan: from ${hex(from)} is past to ${hex(to)}`, 'give from <= to (to is one past the last gpa to search)');
+  if (onProgressOrSignalBad(opts)) throw new UsageError('scan: onProgress must be a function and signal an AbortSignal');
   const chunkPages = opts.chunkPages ?? 256;
   if (!Number.isSafeInteger(chunkPages) || chunkPages < 1) throw new UsageError(`scan: chunkPages must be a positive integer, got ${chunkPages}`);
   const maxMatches = opts.maxMatches ?? Infinity;

@@ -9,21 +9,27 @@ import * as libc from './libc.js';
 export interface WindowOptions {
   /** mlock the window (default true). */
   lock?: boolean;
+  /**
+   * Keep a live view of the whole window in `buffer` (default true). Off for the
+   * client's local pages: their views are handed out one per mapping, so that a
+   * stale view can be tracked to its collection (src/client/local-memory.ts).
+   */
+  view?: boolean;
 }
 
 export class Window {
   readonly address: number;
   readonly length: number;
-  /** Live view of the whole window (absent above 4 GiB: use view()). */
+  /** Live view of the whole window (absent above 4 GiB or with { view: false }: use view()). */
   readonly buffer: Buffer | undefined;
   readonly locked: boolean;
   #freed = false;
 
-  private constructor(address: number, length: number, locked: boolean) {
+  private constructor(address: number, length: number, locked: boolean, withView: boolean) {
     this.address = address;
     this.length = length;
     this.locked = locked;
-    this.buffer = length <= libc.MAX_VIEW_BYTES ? libc.view(address, length) : undefined;
+    this.buffer = withView && length <= libc.MAX_VIEW_BYTES ? libc.view(address, length) : undefined;
   }
 
   static alloc(length: number, opts: WindowOptions = {}): Window {
@@ -36,7 +42,7 @@ export class Window {
       prefault(address, length);
       const lock = opts.lock ?? true;
       if (lock) libc.mlock(address, length);
-      return new Window(address, length, lock);
+      return new Window(address, length, lock, opts.view ?? true);
     } catch (e) {
       libc.munmap(address, length);
       throw e;
