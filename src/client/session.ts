@@ -6,7 +6,7 @@
 import { debuglog } from 'node:util';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../abi/ioctl.js';
 import { ERRNO } from '../abi/errno.js';
-import { MEM_MAP_SIZE, MEM_TOKEN_SIZE, encodeMemMap } from '../abi/structs.js';
+import { KVMI_MEM_MAP_LAYOUT, MEM_MAP_SIZE, MEM_TOKEN_SIZE, encodeMemMap } from '../abi/structs.js';
 import type { Device } from '../device/device.js';
 import { ClosedError, KvmmemError, UsageError } from '../errors.js';
 import * as libc from '../sys/libc.js';
@@ -121,12 +121,46 @@ export function validateSessionOptions(options: SessionOptions): Required<Sessio
   return o;
 }
 
+/** One #mapItems call: what it maps, and the state of every item. */
+interface MapJob {
+  readonly vm: TargetVm;
+  readonly gpa0: bigint;
+  readonly addr0: number;
+  readonly count: number;
+  /** The range being mapped (its page states are updated as MAPs land), or null for a single page. */
+  readonly range: RangeRecord | null;
+  /** Still wanted? (checked after every await) */
+  readonly alive: (vm: TargetVm) => boolean;
+  readonly gpaHi: number;
+  readonly gpaLo: number;
+  /** Per item: MAP attempts, and ENOENT_RETRIED | DONE. */
+  readonly tries: Uint32Array;
+  readonly flags: Uint8Array;
+  readonly t0: number;
+  /** Tokens per round trip now (shrinks when the host refuses some). */
+  budget: number;
+  readonly share: VmShare;
+  lastTransient: Error | null;
+}
+
 /** One token request of a #mapItems call: its items, the reply, and what it holds of the VM's budget. */
 interface Batch {
   readonly chunk: Int32Array;
   readonly got: Promise<(Uint8Array | Error)[]>;
   grant: number;
 }
+
+function giveBack(job: MapJob, b: Batch): void {
+  if (b.grant > 0) {
+    job.share.release(b.grant);
+    b.grant = 0;
+  }
+}
+
+/** kvmi_mem_map field offsets, from the ABI's layout (the records are written in place). */
+const MAP_TOKEN = KVMI_MEM_MAP_LAYOUT.fields.token.offset;
+const MAP_GPA = KVMI_MEM_MAP_LAYOUT.fields.gpa.offset;
+const MAP_GVA = KVMI_MEM_MAP_LAYOUT.fields.gva.offset;
 
 /** Per-page flags of one #mapItems call. */
 const ENOENT_RETRIED = 1;
@@ -394,168 +428,199 @@ export class Session {
   }
 
   /**
-   * Maps items with tokens fetched in pipelined batches and one batched ioctl per
-   * batch. ENOENT (token lost or expired) is retried once with a fresh token,
-   * EAGAIN/EBUSY with bounded backoff. On any other failure everything this call
-   * mapped is unmapped again and a typed error is thrown.
-   *
-   * Pipelining: when the token budget (maxTokensInFlight) holds two batches of at
-   * least PIPELINE_MIN tokens, two token requests are kept in flight: batch k+1's
-   * round trip overlaps batch k's MAPs, and a new request is sent only after a
-   * batch's MAPs consumed its tokens, so the host never holds more than the
-   * budget unconsumed. Below that (v6: 8 tokens), one full batch per round trip.
+   * Maps `count` consecutive guest pages at consecutive local pages: tokens
+   * fetched in batches (pipelined), one batched MAP ioctl per batch. ENOENT (a
+   * token lost or expired) is retried once with a fresh token, EAGAIN/EBUSY with
+   * bounded back-off. On any other failure what this call mapped is unmapped
+   * again (single pages here; a range through its record) and a typed error is
+   * thrown.
    */
   async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, target: RangeRecord | ((vm: TargetVm) => boolean)): Promise<void> {
-    const o = this.options;
-    const t0 = Date.now();
     const range = typeof target === 'function' ? null : target;
-    const alive = range === null ? target as (vm: TargetVm) => boolean : () => range.dead === null;
-    // gpa of page i = gpaHi * 2^32 + gpaLo + i * PAGE_SIZE, in exact numbers (no bigint per page)
-    const gpaHi = Number(gpa0 / BigInt(TWO32));
-    const gpaLo = Number(gpa0 % BigInt(TWO32));
-    const tries = new Uint32Array(count);
-    const flags = new Uint8Array(count);
+    const job: MapJob = {
+      vm, gpa0, addr0, count, range,
+      alive: range === null ? target as (vm: TargetVm) => boolean : () => range.dead === null,
+      // gpa of page i = gpaHi * 2^32 + gpaLo + i * PAGE_SIZE, in exact numbers (no bigint per page)
+      gpaHi: Number(gpa0 / BigInt(TWO32)),
+      gpaLo: Number(gpa0 % BigInt(TWO32)),
+      tries: new Uint32Array(count),
+      flags: new Uint8Array(count),
+      t0: Date.now(),
+      budget: this.options.maxTokensInFlight,
+      share: this.#index(vm).share,
+      lastTransient: null,
+    };
     let pending = new Int32Array(count);
     for (let i = 0; i < count; i++) pending[i] = i;
-    let budget = o.maxTokensInFlight;
     let delay = 1;
-    let lastTransient: Error | null = null;
-    const rollback = (err: unknown): unknown => this.#rollback(count, flags, addr0, err);
-    // Tokens counted out of the VM's budget (shared with other sessions) and not yet given back.
-    const share = this.#index(vm).share;
-    const granted: Batch[] = [];
-    const giveBack = (b: Batch): void => {
-      if (b.grant > 0) { share.release(b.grant); b.grant = 0; }
+    while (pending.length > 0) {
+      const { retry, transient } = await this.#mapPass(job, pending);
+      pending = Int32Array.from(retry);
+      if (pending.length > 0 && transient) {
+        if (Date.now() - job.t0 >= this.options.deadlineMs && job.lastTransient !== null) throw this.#rollback(job, job.lastTransient);
+        await new Promise((res) => setTimeout(res, delay));
+        delay = Math.min(Math.max(1, delay * 2), this.options.retryDelayMs);
+        this.#aliveOrThrow(vm, job.alive);
+      }
+    }
+  }
+
+  /**
+   * One pass over the items still pending: their tokens requested in batches,
+   * each batch MAPped as its tokens arrive. Returns the items to try again.
+   *
+   * Pipelining: when the token budget holds two batches of at least PIPELINE_MIN
+   * tokens, two requests are kept in flight: batch k+1's round trip overlaps
+   * batch k's MAPs, and a new request goes out only after a batch's MAPs consumed
+   * its tokens, so the host never holds more than the budget unused. Below that
+   * (v6: 8 tokens), one full batch per round trip. Every batch also waits for its
+   * turn in the VM's budget shared with the other sessions (vm-share.ts).
+   */
+  async #mapPass(job: MapJob, pending: Int32Array): Promise<{ retry: number[]; transient: boolean }> {
+    const retry: number[] = [];
+    const pass = { transient: false };
+    const depth = job.budget >= 2 * PIPELINE_MIN && pending.length > job.budget ? 2 : 1;
+    const size = depth === 2 ? Math.floor(job.budget / 2) : job.budget;
+    let off = 0;
+    const inflight: Batch[] = [];
+    const issue = (): void => {
+      if (off >= pending.length) return;
+      const b = this.#requestTokens(job, pending.subarray(off, off + size));
+      off += b.chunk.length;
+      inflight.push(b);
     };
     try {
-      while (pending.length > 0) {
-        const next: number[] = [];
-        let transient = false;
-        const depth = budget >= 2 * PIPELINE_MIN && pending.length > budget ? 2 : 1;
-        const size = depth === 2 ? Math.floor(budget / 2) : budget;
-        let off = 0;
-        const inflight: Batch[] = [];
-        const issue = () => {
-          if (off >= pending.length) return;
-          const chunk = pending.subarray(off, off + size);
-          off += chunk.length;
-          // Wait for this batch's turn in the VM's budget, then ask (a TargetVm that throws
-          // instead of rejecting lands in the same rejection).
-          const got = share.acquire(chunk.length).then(() => {
-            this.#aliveOrThrow(vm, alive);
-            return vm.getMapTokensSettled(chunk.length);
-          });
-          got.catch(noop); // awaited below; never an unhandled rejection if this call throws first
-          const b: Batch = { chunk, got, grant: chunk.length };
-          inflight.push(b);
-          granted.push(b);
-        };
-        for (let d = 0; d < depth; d++) issue();
-        while (inflight.length > 0) {
-          const batch = inflight.shift()!;
-          const { chunk, got: gotP } = batch;
-          let got: (Uint8Array | Error)[];
-          try {
-            got = await gotP;
-          } catch (e) {
-            giveBack(batch);
-            this.#aliveOrThrow(vm, alive);
-            throw rollback(e);
-          }
-          this.#stats.tokenRoundTrips++;
-          this.#aliveOrThrow(vm, alive);
-          // Use every token that came back; requests the host refused (EAGAIN: over its
-          // outstanding limit) go round again with a smaller batch.
-          const { records, results, use } = this.#scratch(chunk.length);
-          let n = 0;
-          for (let k = 0; k < chunk.length; k++) {
-            const g = got[k]!;
-            const i = chunk[k]!;
-            if (g instanceof Uint8Array) {
-              const at = n * MEM_MAP_SIZE;
-              const x = gpaLo + i * PAGE_SIZE;
-              const hi = gpaHi + Math.floor(x / TWO32);
-              if (hi >= TWO32 || g.length !== MEM_TOKEN_SIZE) {
-                // not a token, or past 2^64: encodeMemMap throws its typed error
-                encodeMemMap({ token: g, gpa: gpa0 + BigInt(i * PAGE_SIZE), gva: BigInt(addr0 + i * PAGE_SIZE) }, records, at);
-              }
-              records.set(g, at);
-              records.writeUInt32LE(x >>> 0, at + 32);
-              records.writeUInt32LE(hi, at + 36);
-              const a = addr0 + i * PAGE_SIZE; // < 2^47: two exact u32 halves
-              records.writeUInt32LE(a >>> 0, at + 40);
-              records.writeUInt32LE(Math.floor(a / TWO32), at + 44);
-              tries[i]!++;
-              use[n++] = i;
-            } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
-              this.#stats.tokensRefused++;
-              next.push(i);
-              transient = true;
-              lastTransient = g;
-            } else {
-              throw rollback(g);
-            }
-          }
-          got.length = 0;
-          if (n < chunk.length && budget > 1) {
-            // Over the host's limit (someone else holds tokens of this VM too): shrink, and
-            // stop issuing in this pass (what is in flight is still used; the rest goes round again).
-            budget = Math.max(1, n);
-            for (let k = off; k < pending.length; k++) next.push(pending[k]!);
-            off = pending.length;
-          }
-          this.#stats.tokens += n;
-          if (n > 0) {
-            this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, n, results);
-            records.fill(0, 0, n * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
-          }
-          giveBack(batch); // used by the MAPs (or refused by the host): no longer outstanding
-          // Record every success of the batch before acting on a failure, so rollback sees them all.
-          let fatal: unknown = null;
-          let mapped = 0;
-          for (let k = 0; k < n; k++) {
-            const i = use[k]!;
-            const r = results[k]!;
-            if (r >= 0) {
-              flags[i]! |= DONE;
-              mapped++;
-              if (range !== null) range.mapped[i] = 1;
-            } else if (r === -ERRNO.ENOENT && (flags[i]! & ENOENT_RETRIED) === 0 && vm.state === 'connected') {
-              flags[i]! |= ENOENT_RETRIED;
-              this.#stats.retries++;
-              next.push(i);
-            } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && tries[i]! < o.retries && Date.now() - t0 < o.deadlineMs) {
-              this.#stats.retries++;
-              transient = true;
-              next.push(i);
-            } else {
-              fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
-                ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, tries[i]!, Date.now() - t0, this.device.error(KVM_INTRO_MEM_MAP, r))
-                : vm.state !== 'connected' ? vmGoneError(vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
-            }
-          }
-          this.#stats.maps += mapped;
-          if (range !== null) {
-            range.live += mapped;
-            this.#stats.live += mapped;
-          }
-          if (fatal !== null) throw rollback(fatal);
-          // The MAPs consumed this batch's tokens: room for the next request.
-          issue();
+      for (let d = 0; d < depth; d++) issue();
+      while (inflight.length > 0) {
+        const batch = inflight[0]!;
+        let got: (Uint8Array | Error)[];
+        try {
+          got = await batch.got;
+        } catch (e) {
+          giveBack(job, batch);
+          this.#aliveOrThrow(job.vm, job.alive);
+          throw this.#rollback(job, e);
         }
-        pending = Int32Array.from(next);
-        if (pending.length > 0 && transient) {
-          if (Date.now() - t0 >= o.deadlineMs && lastTransient !== null) throw rollback(lastTransient);
-          await new Promise((res) => setTimeout(res, delay));
-          delay = Math.min(Math.max(1, delay * 2), o.retryDelayMs);
-          if (!this.#aliveOrThrow(vm, alive)) break;
+        this.#stats.tokenRoundTrips++;
+        this.#aliveOrThrow(job.vm, job.alive);
+        const n = this.#encodeRecords(job, batch.chunk, got, retry, pass);
+        if (n < batch.chunk.length && job.budget > 1) {
+          // Over the host's limit (someone else holds tokens of this VM too): shrink, and
+          // stop issuing in this pass (what is in flight is still used; the rest goes round again).
+          job.budget = Math.max(1, n);
+          for (let k = off; k < pending.length; k++) retry.push(pending[k]!);
+          off = pending.length;
         }
+        const { records, results } = this.#scratch(n);
+        if (n > 0) {
+          this.device.ioctlBatch(KVM_INTRO_MEM_MAP, records, MEM_MAP_SIZE, n, results);
+          records.fill(0, 0, n * MEM_MAP_SIZE); // tokens are single-use secrets: don't keep them around
+        }
+        inflight.shift();
+        giveBack(job, batch); // used by the MAPs (or refused by the host): no longer outstanding
+        const fatal = this.#applyResults(job, n, retry, pass);
+        if (fatal !== null) throw this.#rollback(job, fatal);
+        issue(); // the MAPs consumed this batch's tokens: room for the next request
       }
     } finally {
-      // A batch still in flight when this call gave up: its tokens stay outstanding on
-      // the host until its reply comes (then they are dropped unused).
-      for (const b of granted) if (b.grant > 0) b.got.then(() => giveBack(b), () => giveBack(b));
+      // Batches still in flight when this pass gave up: their tokens stay outstanding on
+      // the host until the reply comes (then they are dropped unused).
+      for (const b of inflight) if (b.grant > 0) b.got.then(() => giveBack(job, b), () => giveBack(job, b));
     }
+    return { retry, transient: pass.transient };
+  }
+
+  /** Waits for the batch's turn in the VM's budget, then asks for its tokens (one write, pipelined replies). */
+  #requestTokens(job: MapJob, chunk: Int32Array): Batch {
+    // A TargetVm that throws instead of rejecting lands in the same rejection.
+    const got = job.share.acquire(chunk.length).then(() => {
+      this.#aliveOrThrow(job.vm, job.alive);
+      return job.vm.getMapTokensSettled(chunk.length);
+    });
+    got.catch(noop); // awaited by the pass; never an unhandled rejection if it throws first
+    return { chunk, got, grant: chunk.length };
+  }
+
+  /**
+   * Encodes one kvmi_mem_map record per token that came back, into the scratch
+   * records (job.use lists their items). Requests the host refused (EAGAIN: over
+   * its outstanding limit) go to `retry`; any other error is fatal. Returns the
+   * number of records.
+   */
+  #encodeRecords(job: MapJob, chunk: Int32Array, got: (Uint8Array | Error)[], retry: number[], pass: { transient: boolean }): number {
+    const { records, use } = this.#scratch(chunk.length);
+    let n = 0;
+    for (let k = 0; k < chunk.length; k++) {
+      const g = got[k]!;
+      const i = chunk[k]!;
+      if (g instanceof Uint8Array) {
+        const at = n * MEM_MAP_SIZE;
+        const x = job.gpaLo + i * PAGE_SIZE;
+        const hi = job.gpaHi + Math.floor(x / TWO32);
+        const a = job.addr0 + i * PAGE_SIZE; // < 2^47: two exact u32 halves
+        if (hi >= TWO32 || g.length !== MEM_TOKEN_SIZE) {
+          // not a token, or past 2^64: encodeMemMap throws its typed error
+          encodeMemMap({ token: g, gpa: job.gpa0 + BigInt(i * PAGE_SIZE), gva: BigInt(a) }, records, at);
+        }
+        records.set(g, at + MAP_TOKEN);
+        records.writeUInt32LE(x >>> 0, at + MAP_GPA);
+        records.writeUInt32LE(hi, at + MAP_GPA + 4);
+        records.writeUInt32LE(a >>> 0, at + MAP_GVA);
+        records.writeUInt32LE(Math.floor(a / TWO32), at + MAP_GVA + 4);
+        job.tries[i]!++;
+        use[n++] = i;
+      } else if (g instanceof KvmmemError && g.code === 'EAGAIN') {
+        this.#stats.tokensRefused++;
+        retry.push(i);
+        pass.transient = true;
+        job.lastTransient = g;
+      } else {
+        throw this.#rollback(job, g);
+      }
+    }
+    got.length = 0;
+    this.#stats.tokens += n;
+    return n;
+  }
+
+  /**
+   * Reads the batch's MAP results: successes recorded (every one before acting on
+   * a failure, so a rollback sees them all), retryable failures queued, and the
+   * first fatal one returned as its typed error.
+   */
+  #applyResults(job: MapJob, n: number, retry: number[], pass: { transient: boolean }): unknown {
+    const { results, use } = this.#scratch(n);
+    const o = this.options;
+    const range = job.range;
+    let fatal: unknown = null;
+    let mapped = 0;
+    for (let k = 0; k < n; k++) {
+      const i = use[k]!;
+      const r = results[k]!;
+      if (r >= 0) {
+        job.flags[i]! |= DONE;
+        mapped++;
+        if (range !== null) range.mapped[i] = 1;
+      } else if (r === -ERRNO.ENOENT && (job.flags[i]! & ENOENT_RETRIED) === 0 && job.vm.state === 'connected') {
+        job.flags[i]! |= ENOENT_RETRIED;
+        this.#stats.retries++;
+        retry.push(i);
+      } else if ((r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY) && job.tries[i]! < o.retries && Date.now() - job.t0 < o.deadlineMs) {
+        this.#stats.retries++;
+        pass.transient = true;
+        retry.push(i);
+      } else {
+        fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
+          ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, job.tries[i]!, Date.now() - job.t0, this.device.error(KVM_INTRO_MEM_MAP, r))
+          : job.vm.state !== 'connected' ? vmGoneError(job.vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
+      }
+    }
+    this.#stats.maps += mapped;
+    if (range !== null) {
+      range.live += mapped;
+      this.#stats.live += mapped;
+    }
+    return fatal;
   }
 
   /**
@@ -592,67 +657,92 @@ export class Session {
   }
 
   /** Unmaps what a #mapItems call mapped so far (single-page calls; ranges unmap through their record). */
-  #rollback(count: number, flags: Uint8Array, addr0: number, err: unknown): unknown {
-    if (count === 1 && (flags[0]! & DONE) !== 0 && !this.#closed) {
-      this.#unmapOne(addr0);
-      flags[0]! &= ~DONE;
+  #rollback(job: MapJob, err: unknown): unknown {
+    if (job.count === 1 && (job.flags[0]! & DONE) !== 0 && !this.#closed) {
+      this.#unmapOne(job.addr0);
+      job.flags[0]! &= ~DONE;
     }
     return err;
   }
 }
 
+/**
+ * What pages and ranges share: liveness, and an unmap that is idempotent (as
+ * Node's `destroy()` and `session.close()` are): a second unmap(), or one after
+ * close or an unhook, does nothing. Everything else throws USE_AFTER_UNMAP
+ * once the mapping is gone.
+ */
+abstract class Mapping implements Disposable {
+  /** @internal */
+  protected readonly session: Session;
+  /** @internal */
+  protected readonly rec: PageRecord | RangeRecord;
+
+  /** @internal */
+  protected constructor(session: Session, rec: PageRecord | RangeRecord) {
+    this.session = session;
+    this.rec = rec;
+  }
+
+  get vm(): TargetVm { return this.rec.vm; }
+  get mapped(): boolean { return this.rec.dead === null; }
+
+  /** KVM_INTRO_MEM_UNMAP of every page of it; nothing when it is already gone. */
+  unmap(): void {
+    if (this.rec.dead === null) this.unmapNow();
+  }
+
+  [Symbol.dispose](): void { this.unmap(); }
+
+  /** @internal */
+  protected abstract unmapNow(): void;
+  /** @internal */
+  protected abstract what(): string;
+
+  /** @internal */
+  protected live(): void {
+    if (this.rec.dead) throw new UseAfterUnmapError(this.what(), this.rec.dead);
+  }
+}
+
 /** One mapped guest page: `buffer` is a live view of it (reads and writes are the guest's). */
-export class MappedPage implements Disposable {
-  readonly #session: Session;
+export class MappedPage extends Mapping {
   readonly #rec: PageRecord;
   readonly #view: Buffer;
 
   /** @internal */
   constructor(session: Session, rec: PageRecord, view: Buffer) {
-    this.#session = session;
+    super(session, rec);
     this.#rec = rec;
     this.#view = view;
   }
 
-  get vm(): TargetVm { return this.#rec.vm; }
   /** The gpa of the page's first byte (the gpa given to map(), rounded down to its page). */
   get gpa(): bigint { return this.#rec.gpa; }
-  get address(): bigint { this.#live(); return BigInt(this.#rec.lease.address); }
-  get mapped(): boolean { return this.#rec.dead === null; }
+  get address(): bigint { this.live(); return BigInt(this.#rec.lease.address); }
   /**
    * Live 4 KiB view of the guest page. Kept after unmap() it reads zeros and
    * writes reach nobody; its address is not reused while the Buffer is reachable.
    */
-  get buffer(): Buffer { this.#live(); return this.#view; }
+  get buffer(): Buffer { this.live(); return this.#view; }
 
   /** Copies bytes out of the page. */
   read(offset = 0, length = PAGE_SIZE - offset): Buffer {
-    this.#live();
+    this.live();
     if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
       throw new UsageError(`read: [${offset}, ${offset + length}) is not inside the page (0..${PAGE_SIZE})`);
     }
     return Buffer.from(this.#view.subarray(offset, offset + length));
   }
 
-  unmap(): void {
-    if (this.#rec.dead) throw new UseAfterUnmapError(this.#what(), this.#rec.dead);
-    this.#session._unmapPage(this.#rec, 'unmapped');
-  }
-
-  [Symbol.dispose](): void {
-    if (!this.#rec.dead) this.#session._unmapPage(this.#rec, 'unmapped');
-  }
-
-  #live(): void {
-    if (this.#rec.dead) throw new UseAfterUnmapError(this.#what(), this.#rec.dead);
-  }
-
-  #what(): string { return `page gpa ${hex(this.#rec.gpa)} of vm ${this.#rec.vm.name}`; }
+  /** @internal */
+  protected unmapNow(): void { this.session._unmapPage(this.#rec, 'unmapped'); }
+  /** @internal */
+  protected what(): string { return `page gpa ${hex(this.#rec.gpa)} of vm ${this.#rec.vm.name}`; }
 }
 
 /** Consecutive guest pages mapped into one contiguous local window. */
-export class MappedRange implements Disposable {
-  readonly #session: Session;
+export class MappedRange extends Mapping {
   readonly #rec: RangeRecord;
   readonly #window: Buffer;
   readonly #offset: number;
@@ -660,48 +750,36 @@ export class MappedRange implements Disposable {
 
   /** @internal */
   constructor(session: Session, rec: RangeRecord, window: Buffer, offset: number, length: number) {
-    this.#session = session;
+    super(session, rec);
     this.#rec = rec;
     this.#window = window;
     this.#offset = offset;
     this.#length = length;
   }
 
-  get vm(): TargetVm { return this.#rec.vm; }
   /** The gpa asked for (not rounded). */
   get gpa(): bigint { return this.#rec.gpa + BigInt(this.#offset); }
   get length(): number { return this.#length; }
   get pages(): number { return this.#rec.pages; }
-  get mapped(): boolean { return this.#rec.dead === null; }
   /** Local address of the first byte asked for. */
-  get address(): bigint { this.#live(); return BigInt(this.#rec.lease.address + this.#offset); }
+  get address(): bigint { this.live(); return BigInt(this.#rec.lease.address + this.#offset); }
   /** Live view of exactly [gpa, gpa + length) (stale after unmap: zeros, as MappedPage.buffer). */
   get buffer(): Buffer {
-    this.#live();
+    this.live();
     return this.#window.subarray(this.#offset, this.#offset + this.#length);
   }
 
   /** Live view of the i-th whole page of the range. */
   page(i: number): Buffer {
-    this.#live();
+    this.live();
     if (!Number.isInteger(i) || i < 0 || i >= this.#rec.pages) throw new UsageError(`page: index ${i} is outside 0..${this.#rec.pages - 1}`);
     return this.#window.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
   }
 
-  unmap(): void {
-    if (this.#rec.dead) throw new UseAfterUnmapError(this.#what(), this.#rec.dead);
-    this.#session._unmapRange(this.#rec, 'unmapped');
-  }
-
-  [Symbol.dispose](): void {
-    if (!this.#rec.dead) this.#session._unmapRange(this.#rec, 'unmapped');
-  }
-
-  #live(): void {
-    if (this.#rec.dead) throw new UseAfterUnmapError(this.#what(), this.#rec.dead);
-  }
-
-  #what(): string { return `range gpa ${hex(this.#rec.gpa + BigInt(this.#offset))}+${this.#length} of vm ${this.#rec.vm.name}`; }
+  /** @internal */
+  protected unmapNow(): void { this.session._unmapRange(this.#rec, 'unmapped'); }
+  /** @internal */
+  protected what(): string { return `range gpa ${hex(this.gpa)}+${this.#length} of vm ${this.#rec.vm.name}`; }
 }
 
 /** A length for mapRange/read/write: an integer, the range inside 2^64 and one 4 GiB view. */
