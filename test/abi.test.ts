@@ -11,6 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import * as abi from '../src/abi/index.js';
+import { UsageError } from '../src/errors.js';
 import {
   AbiDecodeError, ERRNO, FrameReader, KVMI_IDS, type KvmiFrame, type MemMap, type Qemu2Introspector,
 } from '../src/abi/index.js';
@@ -67,7 +68,7 @@ test('_IOC: unsigned 32-bit result at the top of every field', (t) => {
   t.true(abi._IOWR(abi.KVMIO, 0xff, 0x3fff) > 0);
 });
 
-test('_IOC: out-of-range fields are RangeErrors', (t) => {
+test('_IOC: out-of-range fields are UsageErrors', (t) => {
   for (const fn of [
     () => abi._IOC(4, 'i', 0, 0),
     () => abi._IOC(-1, 'i', 0, 0),
@@ -82,7 +83,7 @@ test('_IOC: out-of-range fields are RangeErrors', (t) => {
     () => abi.decodeIoctl(2 ** 32),
     () => abi.decodeIoctl(0.5),
   ]) {
-    t.throws(fn, { instanceOf: RangeError });
+    t.throws(fn, { instanceOf: UsageError });
   }
 });
 
@@ -315,16 +316,16 @@ test('kvmi_mem_map: decoded token is a detached copy', (t) => {
 test('kvmi_mem_map: rejections', (t) => {
   throwsDecode(t, () => abi.decodeMemMap(Buffer.alloc(47)), 'kvmi_mem_map', /need 48 bytes at offset 0, buffer has 47/);
   throwsDecode(t, () => abi.decodeMemMap(Buffer.alloc(96), 49), 'kvmi_mem_map');
-  t.throws(() => abi.decodeMemMap(Buffer.alloc(48), -1), { instanceOf: RangeError });
+  t.throws(() => abi.decodeMemMap(Buffer.alloc(48), -1), { instanceOf: UsageError });
   const ok: MemMap = { token: new Uint8Array(32), gpa: 0n, gva: 0n };
-  t.throws(() => abi.encodeMemMap({ ...ok, token: new Uint8Array(31) }), { instanceOf: RangeError, message: /token must be 32 bytes/ });
-  t.throws(() => abi.encodeMemMap({ ...ok, token: new Uint8Array(33) }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeMemMap({ ...ok, gpa: -1n }), { instanceOf: RangeError, message: /gpa/ });
-  t.throws(() => abi.encodeMemMap({ ...ok, gpa: 1n << 64n }), { instanceOf: RangeError, message: /gpa/ });
-  t.throws(() => abi.encodeMemMap({ ...ok, gva: 1n << 64n }), { instanceOf: RangeError, message: /gva/ });
-  t.throws(() => abi.encodeMemMap({ ...ok, gpa: 4096 as unknown as bigint }), { instanceOf: TypeError });
-  t.throws(() => abi.encodeMemMap(ok, Buffer.alloc(47)), { instanceOf: RangeError });
-  t.throws(() => abi.encodeMemMap(ok, Buffer.alloc(96), 49), { instanceOf: RangeError });
+  t.throws(() => abi.encodeMemMap({ ...ok, token: new Uint8Array(31) }), { instanceOf: UsageError, message: /token must be 32 bytes/ });
+  t.throws(() => abi.encodeMemMap({ ...ok, token: new Uint8Array(33) }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeMemMap({ ...ok, gpa: -1n }), { instanceOf: UsageError, message: /gpa/ });
+  t.throws(() => abi.encodeMemMap({ ...ok, gpa: 1n << 64n }), { instanceOf: UsageError, message: /gpa/ });
+  t.throws(() => abi.encodeMemMap({ ...ok, gva: 1n << 64n }), { instanceOf: UsageError, message: /gva/ });
+  t.throws(() => abi.encodeMemMap({ ...ok, gpa: 4096 as unknown as bigint }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeMemMap(ok, Buffer.alloc(47)), { instanceOf: UsageError });
+  t.throws(() => abi.encodeMemMap(ok, Buffer.alloc(96), 49), { instanceOf: UsageError });
   t.notThrows(() => abi.encodeMemMap({ ...ok, gpa: (1n << 64n) - 1n }, Buffer.alloc(96), 48));
 });
 
@@ -346,11 +347,11 @@ test('kvm_introspection_hook: golden bytes, round trip, padding kept', (t) => {
 
 test('kvm_introspection_hook: rejections', (t) => {
   const uuid = new Uint8Array(16);
-  t.throws(() => abi.encodeHook({ fd: 2 ** 31, uuid }), { instanceOf: RangeError, message: /fd/ });
-  t.throws(() => abi.encodeHook({ fd: -(2 ** 31) - 1, uuid }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeHook({ fd: 1.5, uuid }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeHook({ fd: 3, padding: -1, uuid }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeHook({ fd: 3, uuid: new Uint8Array(15) }), { instanceOf: RangeError, message: /uuid/ });
+  t.throws(() => abi.encodeHook({ fd: 2 ** 31, uuid }), { instanceOf: UsageError, message: /fd/ });
+  t.throws(() => abi.encodeHook({ fd: -(2 ** 31) - 1, uuid }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeHook({ fd: 1.5, uuid }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeHook({ fd: 3, padding: -1, uuid }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeHook({ fd: 3, uuid: new Uint8Array(15) }), { instanceOf: UsageError, message: /uuid/ });
   throwsDecode(t, () => abi.decodeHook(Buffer.alloc(23)), 'kvm_introspection_hook');
 });
 
@@ -366,7 +367,7 @@ test('KVMI ids and names', (t) => {
   t.is(abi.kvmiMessageName('v4', 8), 'unknown message 8');
   t.is(abi.kvmiMessageName('v6', 0), 'KVMI_EVENT_REPLY');
   t.is(abi.kvmiMessageName('v4', 24), 'KVMI_EVENT_REPLY');
-  t.throws(() => abi.kvmiMessageName('v5' as abi.KvmiProtocol, 1), { instanceOf: RangeError });
+  t.throws(() => abi.kvmiMessageName('v5' as abi.KvmiProtocol, 1), { instanceOf: UsageError });
   t.is(abi.KVMI_VERSION, 1);
   t.is(abi.KVMI_EVENT_UNHOOK, 0);
   t.deepEqual([abi.KVMI_EVENT_ACTION_CONTINUE, abi.KVMI_EVENT_ACTION_RETRY, abi.KVMI_EVENT_ACTION_CRASH], [0, 1, 2]);
@@ -383,9 +384,9 @@ test('kvmi_msg_hdr: golden bytes, round trip (property), rejections', (t) => {
       return d.id === id && d.size === size && d.seq === s;
     },
   ));
-  t.throws(() => abi.encodeMsgHdr({ id: 0x10000, size: 0, seq: 0 }), { instanceOf: RangeError, message: /kvmi_msg_hdr\.id must be a u16/ });
-  t.throws(() => abi.encodeMsgHdr({ id: 0, size: -1, seq: 0 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeMsgHdr({ id: 0, size: 0, seq: 2 ** 32 }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeMsgHdr({ id: 0x10000, size: 0, seq: 0 }), { instanceOf: UsageError, message: /kvmi_msg_hdr\.id must be a u16/ });
+  t.throws(() => abi.encodeMsgHdr({ id: 0, size: -1, seq: 0 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeMsgHdr({ id: 0, size: 0, seq: 2 ** 32 }), { instanceOf: UsageError });
   throwsDecode(t, () => abi.decodeMsgHdr(Buffer.alloc(7)), 'kvmi_msg_hdr');
 });
 
@@ -394,16 +395,16 @@ test('encodeMessage: header + body in one buffer, u16 size limit', (t) => {
   t.is(hexOf(msg), '0200' + '0300' + '07000000' + '616263');
   t.is(abi.encodeMessage({ id: 1, seq: 0 }, new Uint8Array(0)).length, 8);
   t.is(abi.encodeMessage({ id: 1, seq: 0 }, new Uint8Array(0xffff)).readUInt16LE(2), 0xffff);
-  t.throws(() => abi.encodeMessage({ id: 1, seq: 0 }, new Uint8Array(0x10000)), { instanceOf: RangeError });
-  t.throws(() => abi.encodeMessage({ id: -1, seq: 0 }, new Uint8Array(1)), { instanceOf: RangeError });
+  t.throws(() => abi.encodeMessage({ id: 1, seq: 0 }, new Uint8Array(0x10000)), { instanceOf: UsageError });
+  t.throws(() => abi.encodeMessage({ id: -1, seq: 0 }, new Uint8Array(1)), { instanceOf: UsageError });
 });
 
 test('kvmi_error_code: s32 err, padding must be zero', (t) => {
   t.is(hexOf(abi.encodeErrorCode(-abi.KVM_ENOSYS)), '18fcffff' + '00000000');
   t.is(hexOf(abi.encodeErrorCode(0)), '0000000000000000');
   for (const err of [0, -1000, -22, -0x80000000, 0x7fffffff]) t.is(abi.decodeErrorCode(abi.encodeErrorCode(err)), err);
-  t.throws(() => abi.encodeErrorCode(2 ** 31), { instanceOf: RangeError });
-  t.throws(() => abi.encodeErrorCode(-(2 ** 31) - 1), { instanceOf: RangeError });
+  t.throws(() => abi.encodeErrorCode(2 ** 31), { instanceOf: UsageError });
+  t.throws(() => abi.encodeErrorCode(-(2 ** 31) - 1), { instanceOf: UsageError });
   throwsDecode(t, () => abi.decodeErrorCode(bytes('00000000 01000000')), 'kvmi_error_code',
     'kvmi_error_code: padding must be 0, got 0x1');
   throwsDecode(t, () => abi.decodeErrorCode(Buffer.alloc(4)), 'kvmi_error_code');
@@ -424,8 +425,8 @@ test('get_version reply: v6 and v4 layouts', (t) => {
   throwsDecode(t, () => abi.decodeGetVersionReply('v4', bytes('01000000 00000000 00000000 00000001')),
     'kvmi_get_version_reply_v4', /padding must be 0, got 0x1000000/);
   throwsDecode(t, () => abi.decodeGetVersionReply('v4', Buffer.alloc(8)), 'kvmi_get_version_reply_v4');
-  t.throws(() => abi.encodeGetVersionReply('v6', { version: -1 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeGetVersionReply('v4', { version: 1, commands: 2 ** 32 }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeGetVersionReply('v6', { version: -1 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeGetVersionReply('v4', { version: 1, commands: 2 ** 32 }), { instanceOf: UsageError });
 });
 
 test('kvmi_control_vm_events: codec and paddings', (t) => {
@@ -442,8 +443,8 @@ test('kvmi_control_vm_events: codec and paddings', (t) => {
   throwsDecode(t, () => abi.decodeControlVmEvents(bytes('0000 01 ff 00000000')), 'kvmi_control_vm_events',
     'kvmi_control_vm_events: padding1 must be 0, got 0xff');
   throwsDecode(t, () => abi.decodeControlVmEvents(Buffer.alloc(7)), 'kvmi_control_vm_events');
-  t.throws(() => abi.encodeControlVmEvents({ eventId: 0x10000, enable: true }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeControlVmEvents({ eventId: 0, enable: 1 as unknown as boolean }), { instanceOf: TypeError });
+  t.throws(() => abi.encodeControlVmEvents({ eventId: 0x10000, enable: true }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeControlVmEvents({ eventId: 0, enable: 1 as unknown as boolean }), { instanceOf: UsageError });
 });
 
 test('kvmi_event (common part): codec, size and padding rules', (t) => {
@@ -456,9 +457,9 @@ test('kvmi_event (common part): codec, size and padding rules', (t) => {
   throwsDecode(t, () => abi.decodeEvent(bytes('0700 0000 00 000000')), 'kvmi_event', 'kvmi_event: size must be at least 8, got 7');
   throwsDecode(t, () => abi.decodeEvent(bytes('0800 0000 00 000100')), 'kvmi_event', 'kvmi_event: padding must be 0, got 0x100');
   throwsDecode(t, () => abi.decodeEvent(bytes('0800 0000 00 0000')), 'kvmi_event');
-  t.throws(() => abi.encodeEvent({ vcpu: 0, event: 0, size: 7 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeEvent({ vcpu: 0x10000, event: 0 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeEvent({ vcpu: 0, event: 256 }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeEvent({ vcpu: 0, event: 0, size: 7 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeEvent({ vcpu: 0x10000, event: 0 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeEvent({ vcpu: 0, event: 256 }), { instanceOf: UsageError });
 });
 
 test('kvmi_event_reply: codec and paddings', (t) => {
@@ -468,7 +469,7 @@ test('kvmi_event_reply: codec and paddings', (t) => {
   }
   throwsDecode(t, () => abi.decodeEventReply(bytes('00 00 0100 00000000')), 'kvmi_event_reply', 'kvmi_event_reply: padding1 must be 0, got 0x1');
   throwsDecode(t, () => abi.decodeEventReply(bytes('00 00 0000 00000080')), 'kvmi_event_reply', 'kvmi_event_reply: padding2 must be 0, got 0x80000000');
-  t.throws(() => abi.encodeEventReply({ action: 256, event: 0 }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeEventReply({ action: 256, event: 0 }), { instanceOf: UsageError });
 });
 
 test('GET_MAP_TOKEN reply: error code then token', (t) => {
@@ -484,7 +485,7 @@ test('GET_MAP_TOKEN reply: error code then token', (t) => {
   t.deepEqual(abi.decodeMapTokenReply(abi.encodeErrorCode(-abi.KVM_EAGAIN)), { err: -11 });
   throwsDecode(t, () => abi.decodeMapTokenReply(abi.encodeErrorCode(0)), 'kvmi_map_mem_token');
   throwsDecode(t, () => abi.decodeMapTokenReply(Buffer.alloc(4)), 'kvmi_error_code');
-  t.throws(() => abi.encodeMapTokenReply(new Uint8Array(16)), { instanceOf: RangeError });
+  t.throws(() => abi.encodeMapTokenReply(new Uint8Array(16)), { instanceOf: UsageError });
 });
 
 // ---------------------------------------------------------------- handshake
@@ -547,13 +548,13 @@ test('kvmi_qemu2introspector: struct_size and field rejections', (t) => {
   unterminated.fill(0x41, 32, 96);
   throwsDecode(t, () => abi.decodeQemu2Introspector(unterminated), 'kvmi_qemu2introspector', /name is not NUL-terminated/);
   t.is(abi.decodeQemu2Introspector(abi.encodeQemu2Introspector({ ...base, name: 'n'.repeat(63) })).name, 'n'.repeat(63));
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'n'.repeat(64) }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'é'.repeat(32) }), { instanceOf: RangeError }); // 64 bytes
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'a\0b' }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, structSize: 3 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, structSize: 4097 }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, startTime: 1n << 63n }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeQemu2Introspector({ ...base, uuid: new Uint8Array(17) }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'n'.repeat(64) }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'é'.repeat(32) }), { instanceOf: UsageError }); // 64 bytes
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, name: 'a\0b' }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, structSize: 3 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, structSize: 4097 }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, startTime: 1n << 63n }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeQemu2Introspector({ ...base, uuid: new Uint8Array(17) }), { instanceOf: UsageError });
 });
 
 test('kvmi_introspector2qemu: codec and struct_size rules', (t) => {
@@ -568,8 +569,8 @@ test('kvmi_introspector2qemu: codec and struct_size rules', (t) => {
   t.deepEqual(abi.decodeIntrospector2Qemu(small), { structSize: 14, cookieHash: Uint8Array.from([...hash.subarray(0, 10), ...new Uint8Array(10)]) });
   throwsDecode(t, () => abi.decodeIntrospector2Qemu(bytes('02000000')), 'kvmi_introspector2qemu');
   throwsDecode(t, () => abi.decodeIntrospector2Qemu(buf.subarray(0, 23)), 'kvmi_introspector2qemu');
-  t.throws(() => abi.encodeIntrospector2Qemu({ cookieHash: new Uint8Array(32) }), { instanceOf: RangeError });
-  t.throws(() => abi.encodeIntrospector2Qemu({ cookieHash: hash, structSize: 0 }), { instanceOf: RangeError });
+  t.throws(() => abi.encodeIntrospector2Qemu({ cookieHash: new Uint8Array(32) }), { instanceOf: UsageError });
+  t.throws(() => abi.encodeIntrospector2Qemu({ cookieHash: hash, structSize: 0 }), { instanceOf: UsageError });
 });
 
 test('readStructSized', (t) => {
@@ -700,7 +701,7 @@ test('FrameReader: maxMessageSize', (t) => {
   t.is(r.next()?.body.length, 16);
   r.push(abi.encodeMsgHdr({ id: 3, size: 17, seq: 5 })); // header alone is enough to know
   throwsDecode(t, () => r.next(), 'kvmi_msg_hdr', /size 17 \(id 3, seq 0x5\) exceeds the 16-byte body limit/);
-  t.throws(() => new FrameReader({ maxMessageSize: 7 }), { instanceOf: RangeError });
+  t.throws(() => new FrameReader({ maxMessageSize: 7 }), { instanceOf: UsageError });
   const dflt = new FrameReader();
   t.is(dflt.maxMessageSize, 0xffff + 8);
   dflt.push(abi.encodeMsgHdr({ id: 0, size: 0xffff, seq: 0 }));

@@ -2,7 +2,7 @@ import test from 'ava';
 import { readFileSync, readlinkSync } from 'node:fs';
 import * as libc from '../src/sys/libc.js';
 import { Window, remapFresh, remapShared } from '../src/sys/window.js';
-import { SyscallError } from '../src/errors.js';
+import { SyscallError, UsageError } from '../src/errors.js';
 
 const PS = libc.pageSize();
 
@@ -73,7 +73,7 @@ test('a window is page-aligned, pre-faulted and locked', (t) => {
     w.free();
   }
   t.true(w.freed);
-  t.throws(() => Window.alloc(100), { instanceOf: RangeError });
+  t.throws(() => Window.alloc(100), { instanceOf: UsageError });
 });
 
 test('a live view sees a native write, and native code sees a JS write', (t) => {

@@ -2,6 +2,8 @@
 //   bits 0-7 nr, 8-15 type, 16-29 size, 30-31 dir.
 // Results are unsigned 32-bit numbers, as the kernel's `unsigned int cmd` sees them.
 
+import { UsageError } from '../errors.js';
+
 export const IOC_NONE = 0;
 export const IOC_WRITE = 1;
 export const IOC_READ = 2;
@@ -18,7 +20,7 @@ const DIRSHIFT = SIZESHIFT + SIZEBITS;
 function field(name: string, v: number, bits: number): number {
   const max = 2 ** bits - 1;
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > max) {
-    throw new RangeError(`_IOC: ${name} must be an integer in 0..${max}, got ${String(v)}`);
+    throw new UsageError(`_IOC: ${name} must be an integer in 0..${max}, got ${String(v)}`);
   }
   return v;
 }
@@ -26,7 +28,7 @@ function field(name: string, v: number, bits: number): number {
 function typeCode(type: number | string): number {
   if (typeof type === 'string') {
     // One character, like the C char literal 'i'.
-    if (type.length !== 1) throw new RangeError(`_IOC: type must be a single character, got ${JSON.stringify(type)}`);
+    if (type.length !== 1) throw new UsageError(`_IOC: type must be a single character, got ${JSON.stringify(type)}`);
     return field('type', type.charCodeAt(0), TYPEBITS);
   }
   return field('type', type, TYPEBITS);
@@ -52,7 +54,7 @@ export interface IoctlFields { dir: number; type: number; nr: number; size: numb
 /** Splits a request number. Accepts the uint32 value or its int32 reinterpretation. */
 export function decodeIoctl(req: number): IoctlFields {
   if (typeof req !== 'number' || !Number.isInteger(req) || req < -0x80000000 || req > 0xffffffff) {
-    throw new RangeError(`decodeIoctl: request must be a 32-bit integer, got ${String(req)}`);
+    throw new UsageError(`decodeIoctl: request must be a 32-bit integer, got ${String(req)}`);
   }
   const r = req >>> 0;
   return {

@@ -3,6 +3,7 @@
 // messages (kvmi_msg_hdr + `size` bytes). All little-endian.
 
 import { Buffer } from 'node:buffer';
+import { UsageError } from '../errors.js';
 import {
   AbiDecodeError, asBuffer, checkBytes, checkInt32, checkS64, checkUint, copyBytes, expectZero, hex,
   needBytes, outBuffer,
@@ -34,7 +35,7 @@ export const KVMI_IDS: Readonly<Record<KvmiProtocol, Readonly<KvmiMessageIds>>> 
 });
 
 function checkProtocol(protocol: KvmiProtocol): KvmiProtocol {
-  if (protocol !== 'v4' && protocol !== 'v6') throw new RangeError(`unknown KVMI protocol ${JSON.stringify(protocol)}`);
+  if (protocol !== 'v4' && protocol !== 'v6') throw new UsageError(`unknown KVMI protocol ${JSON.stringify(protocol)}`);
   return protocol;
 }
 
@@ -176,9 +177,9 @@ export function decodeMsgHdr(buf: Uint8Array, offset = 0): MsgHdr {
 
 /** Header + body in one Buffer (KVMI wants both in a single sendmsg). */
 export function encodeMessage(hdr: { id: number; seq: number }, body: Uint8Array): Buffer {
-  if (!(body instanceof Uint8Array)) throw new TypeError('message body must be a Uint8Array');
+  if (!(body instanceof Uint8Array)) throw new UsageError('message body must be a Uint8Array');
   if (body.length > MSG_MAX_BODY_SIZE) {
-    throw new RangeError(`message body of ${body.length} bytes exceeds the u16 size limit (${MSG_MAX_BODY_SIZE})`);
+    throw new UsageError(`message body of ${body.length} bytes exceeds the u16 size limit (${MSG_MAX_BODY_SIZE})`);
   }
   const buf = Buffer.allocUnsafe(MSG_HDR_SIZE + body.length);
   encodeMsgHdr({ id: hdr.id, seq: hdr.seq, size: body.length }, buf, 0);
@@ -215,7 +216,7 @@ export const HANDSHAKE_MAX_STRUCT_SIZE = 4096;
 
 function checkStructSizeArg(struct: string, size: number): number {
   if (!Number.isInteger(size) || size < HANDSHAKE_MIN_STRUCT_SIZE || size > HANDSHAKE_MAX_STRUCT_SIZE) {
-    throw new RangeError(`${struct}.struct_size must be in ${HANDSHAKE_MIN_STRUCT_SIZE}..${HANDSHAKE_MAX_STRUCT_SIZE}, got ${String(size)}`);
+    throw new UsageError(`${struct}.struct_size must be in ${HANDSHAKE_MIN_STRUCT_SIZE}..${HANDSHAKE_MAX_STRUCT_SIZE}, got ${String(size)}`);
   }
   return size;
 }
@@ -282,11 +283,11 @@ export function encodeQemu2Introspector(
   checkBytes(`${L.name}.uuid`, h.uuid, 16);
   const padding = checkUint(`${L.name}.padding`, h.padding ?? 0, 32);
   const startTime = checkS64(`${L.name}.start_time`, h.startTime);
-  if (typeof h.name !== 'string') throw new TypeError(`${L.name}.name must be a string`);
-  if (h.name.includes('\0')) throw new RangeError(`${L.name}.name must not contain NUL`);
+  if (typeof h.name !== 'string') throw new UsageError(`${L.name}.name must be a string`);
+  if (h.name.includes('\0')) throw new UsageError(`${L.name}.name must not contain NUL`);
   const name = Buffer.from(h.name, 'utf8');
   if (name.length > QEMU2INTROSPECTOR_NAME_MAX) {
-    throw new RangeError(`${L.name}.name must be at most ${QEMU2INTROSPECTOR_NAME_MAX} UTF-8 bytes, got ${name.length}`);
+    throw new UsageError(`${L.name}.name must be at most ${QEMU2INTROSPECTOR_NAME_MAX} UTF-8 bytes, got ${name.length}`);
   }
   const F = L.fields;
   const buf = Buffer.alloc(L.size); // zeroed: terminates and pads the name
@@ -350,7 +351,7 @@ export function decodeIntrospector2Qemu(buf: Uint8Array): Introspector2Qemu {
  * Returns null until all of it is there; the struct is a view, not a copy.
  */
 export function readStructSized(buf: Buffer, offset = 0): { struct: Buffer; consumed: number } | null {
-  if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeError(`offset must be a non-negative integer, got ${String(offset)}`);
+  if (!Number.isSafeInteger(offset) || offset < 0) throw new UsageError(`offset must be a non-negative integer, got ${String(offset)}`);
   if (buf.length - offset < 4) return null;
   const size = buf.readUInt32LE(offset);
   checkStructSizeWire('handshake', size);
@@ -412,7 +413,7 @@ export interface ControlVmEvents { eventId: number; enable: boolean }
 export function encodeControlVmEvents(c: ControlVmEvents, into?: Buffer, offset = 0): Buffer {
   const L = KVMI_CONTROL_VM_EVENTS_LAYOUT;
   const eventId = checkUint(`${L.name}.event_id`, c.eventId, 16);
-  if (typeof c.enable !== 'boolean') throw new TypeError(`${L.name}.enable must be a boolean`);
+  if (typeof c.enable !== 'boolean') throw new UsageError(`${L.name}.enable must be a boolean`);
   const buf = outBuffer(L.name, L.size, into, offset);
   buf.writeUInt16LE(eventId, offset + L.fields.event_id.offset);
   buf.writeUInt8(c.enable ? 1 : 0, offset + L.fields.enable.offset);
@@ -448,7 +449,7 @@ export interface KvmiEvent {
 export function encodeEvent(e: { vcpu: number; event: number; size?: number }, into?: Buffer, offset = 0): Buffer {
   const L = KVMI_EVENT_LAYOUT;
   const size = checkUint(`${L.name}.size`, e.size ?? L.size, 16);
-  if (size < L.size) throw new RangeError(`${L.name}.size must be at least ${L.size}, got ${size}`);
+  if (size < L.size) throw new UsageError(`${L.name}.size must be at least ${L.size}, got ${size}`);
   const vcpu = checkUint(`${L.name}.vcpu`, e.vcpu, 16);
   const event = checkUint(`${L.name}.event`, e.event, 8);
   const buf = outBuffer(L.name, L.size, into, offset);
@@ -544,7 +545,7 @@ export class FrameReader {
   constructor(opts: { maxMessageSize?: number } = {}) {
     const max = opts.maxMessageSize ?? MSG_HDR_SIZE + MSG_MAX_BODY_SIZE;
     if (!Number.isSafeInteger(max) || max < MSG_HDR_SIZE) {
-      throw new RangeError(`maxMessageSize must be an integer >= ${MSG_HDR_SIZE}, got ${String(max)}`);
+      throw new UsageError(`maxMessageSize must be an integer >= ${MSG_HDR_SIZE}, got ${String(max)}`);
     }
     this.maxMessageSize = max;
   }
@@ -555,7 +556,7 @@ export class FrameReader {
   }
 
   push(chunk: Uint8Array): void {
-    if (!(chunk instanceof Uint8Array)) throw new TypeError('FrameReader.push expects a Uint8Array');
+    if (!(chunk instanceof Uint8Array)) throw new UsageError('FrameReader.push expects a Uint8Array');
     if (chunk.length === 0) return;
     this.#chunks.push(asBuffer(chunk));
     this.#buffered += chunk.length;

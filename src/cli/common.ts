@@ -11,13 +11,13 @@ import type { Session } from '../client/session.js';
 import { toAddress } from '../client/address.js';
 import { GuestMemory } from '../model/index.js';
 import type { Vm } from '../channel/index.js';
-import { KvmmemError } from '../errors.js';
+import { KvmmemError, UsageError } from '../errors.js';
 
 /** Exit codes (documented in `kvmmem --help` and the README). */
 export const EXIT = { OK: 0, FAILED: 1, USAGE: 2 } as const;
 
 /** A bad command line: one line on stderr, exit 2. */
-export class CliUsageError extends Error {}
+export class CliUsageError extends UsageError {}
 
 /** commander argument parser for addresses in hex (0x...) or decimal. */
 export function parseAddress(value: string): bigint {

@@ -3,11 +3,14 @@
  * decided once for the whole library. Inputs also accept a non-negative safe
  * integer number or a hex/decimal string, and are checked here.
  */
+import { PAGE_SIZE } from '../abi/structs.js';
+import { hex } from '../abi/errors.js';
 import { UsageError } from '../errors.js';
+
+export { PAGE_SIZE, hex };
 
 export type AddressLike = bigint | number | string;
 
-export const PAGE_SIZE = 4096;
 export const PAGE_SHIFT = 12n;
 export const PAGE_MASK = 0xfffn;
 const U64_MAX = (1n << 64n) - 1n;
@@ -27,10 +30,6 @@ export function toAddress(value: AddressLike, what = 'address'): bigint {
   }
   if (v < 0n || v > U64_MAX) throw new UsageError(`${what} ${hex(v)} is outside 0..2^64-1`);
   return v;
-}
-
-export function hex(v: bigint | number): string {
-  return (v < 0 ? '-0x' : '0x') + (v < 0 ? -BigInt(v) : BigInt(v)).toString(16);
 }
 
 export const pageBase = (a: bigint): bigint => a & ~PAGE_MASK;

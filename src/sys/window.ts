@@ -5,6 +5,7 @@
  * (so it stays there), with a live Buffer over them and their numeric address.
  */
 import * as libc from './libc.js';
+import { UsageError } from '../errors.js';
 
 export interface WindowOptions {
   /** mlock the window (default true). */
@@ -35,7 +36,7 @@ export class Window {
   static alloc(length: number, opts: WindowOptions = {}): Window {
     const ps = libc.pageSize();
     if (!Number.isSafeInteger(length) || length <= 0 || length % ps !== 0) {
-      throw new RangeError(`Window.alloc: length ${length} must be a positive multiple of the page size ${ps}`);
+      throw new UsageError(`Window.alloc: length ${length} must be a positive multiple of the page size ${ps}`);
     }
     const address = libc.mmap(0, length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS);
     try {
@@ -54,7 +55,7 @@ export class Window {
   /** A live view of part of the window. */
   view(offset: number, length: number): Buffer {
     if (offset < 0 || length <= 0 || offset + length > this.length) {
-      throw new RangeError(`Window.view: [${offset}, ${offset + length}) is outside the window of ${this.length} bytes`);
+      throw new UsageError(`Window.view: [${offset}, ${offset + length}) is outside the window of ${this.length} bytes`);
     }
     return libc.view(this.address + offset, length);
   }
