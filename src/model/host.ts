@@ -37,7 +37,7 @@ import {
 import type { KvmiProtocol } from '../abi/kvmi.js';
 import { HOOK_SIZE, MEM_TOKEN_SIZE, PAGE_SIZE, decodeHook } from '../abi/structs.js';
 import { ClosedError, DeviceError, KvmmemError, UsageError } from '../errors.js';
-import { ModelDevice } from '../device/model-device.js';
+import { ModelDevice } from './model-device.js';
 import { KvmiMemDriver } from './driver.js';
 import { GuestMemory } from './memory.js';
 import { KvmiConnection, type UnhookAck } from './kvmi-server.js';

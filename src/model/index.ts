@@ -11,7 +11,7 @@ export { GuestMemory } from './memory.js';
 export type { AnonymousOptions, FromFileOptions, MemoryRegion, PcLayoutOptions, ResolvedGpa } from './memory.js';
 export { KvmiMemDriver, FileMap } from './driver.js';
 export type { PageMap } from './driver.js';
-export { ModelDevice } from '../device/model-device.js';
+export { ModelDevice } from './model-device.js';
 export { TokenStore } from './tokens.js';
 export type { TokenStoreOptions } from './tokens.js';
 export { KvmiConnection, KVMI_MAX_MESSAGE_SIZE } from './kvmi-server.js';

@@ -4,14 +4,13 @@
  * `ioctl(KVM_INTRO_MEM_MAP, <48 bytes>)` and `ioctl(KVM_INTRO_MEM_UNMAP, addr)`
  * do here what they do on a KVMI guest kernel, and fail with the same errors.
  */
-import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
-import { ERRNO } from '../abi/errno.js';
-import { ClosedError, DeviceError, NotKvmmemDeviceError, type KvmmemError } from '../errors.js';
-import type { FileMap, KvmiMemDriver, PageMap } from '../model/driver.js';
-import type { ModelHost } from '../model/host.js';
-import { hintFor } from './hints.js';
-import { checkBatch } from './linux-device.js';
-import type { Device, IoctlArg } from './device.js';
+import { ioctlName } from '../abi/ioctl.js';
+import { ClosedError, type KvmmemError } from '../errors.js';
+import type { FileMap, KvmiMemDriver, PageMap } from './driver.js';
+import type { ModelHost } from './host.js';
+import { deviceError } from '../device/hints.js';
+import { checkBatch } from '../device/linux-device.js';
+import type { Device, IoctlArg } from '../device/device.js';
 
 export class ModelDevice implements Device {
   readonly path: string;
@@ -66,13 +65,9 @@ export class ModelDevice implements Device {
 
   /** Builds the typed error for a failed request (also used for batch results). */
   error(request: number, negErrno: number): KvmmemError {
-    const name = ioctlName(request);
-    if (-negErrno === ERRNO.ENOTTY && (request === KVM_INTRO_MEM_MAP || request === KVM_INTRO_MEM_UNMAP)) {
-      return new NotKvmmemDeviceError(this.path, name);
-    }
-    const hint = hintFor(request, negErrno);
-    return new DeviceError(negErrno, name, hint === undefined ? { path: this.path } : { path: this.path, hint });
+    return deviceError(this.path, request, negErrno); // the same errors as LinuxDevice's
   }
+
 
   /** close(): the driver's release() unmaps everything this file mapped. */
   close(): void {
