@@ -13,7 +13,8 @@ import {
   KVM_HC_MEM_MAP, KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, X86_64_USER_LIMIT, decodeIoctl, encodeMemMap,
 } from '../src/abi/index.js';
 import { ClosedError, DeviceError, NotKvmmemDeviceError } from '../src/errors.js';
-import { GuestMemory, ModelDevice, ModelHost, adoptSocket, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
+import { GuestMemory, ModelDevice, ModelHost, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
+import { adoptSocket } from '../src/model/sockets.js';
 import { errnoOf } from './helpers.js';
 
 const PS = 4096;

@@ -19,7 +19,8 @@ import {
 } from '../src/abi/index.js';
 import { cookieHash } from '../src/abi/cookie.js';
 import { DeviceError, KvmmemError } from '../src/errors.js';
-import { ModelHost, adoptSocket, socketFd, type ModelVm } from '../src/model/index.js';
+import { ModelHost, type ModelVm } from '../src/model/index.js';
+import { adoptSocket, socketFd } from '../src/model/sockets.js';
 
 const PS = 4096;
 

@@ -12,7 +12,8 @@ import * as libc from '../src/sys/libc.js';
 import { Window } from '../src/sys/window.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, X86_64_USER_LIMIT, encodeMemMap } from '../src/abi/index.js';
 import { ClosedError } from '../src/errors.js';
-import { ModelHost, adoptSocket, type ModelDevice, type ModelVm } from '../src/model/index.js';
+import { ModelHost, type ModelDevice, type ModelVm } from '../src/model/index.js';
+import { adoptSocket } from '../src/model/sockets.js';
 import { errnoOf } from './helpers.js';
 
 const PS = 4096;

@@ -10,7 +10,9 @@ import { fileURLToPath } from 'node:url';
 import { Window } from '../src/sys/window.js';
 import { KVM_HC_MEM_MAP, KVM_INTRO_MEM_MAP, encodeMemMap } from '../src/abi/index.js';
 import { DeviceError } from '../src/errors.js';
-import { ModelHost, TokenStore, adoptSocket, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
+import { ModelHost, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
+import { adoptSocket } from '../src/model/sockets.js';
+import { TokenStore } from '../src/model/tokens.js';
 
 const PS = 4096;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');

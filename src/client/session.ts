@@ -327,6 +327,7 @@ export class Session {
 
   // ---- internals (underscored ones are for MappedPage/MappedRange) ----
 
+  /** @internal */
   _unmapPage(rec: PageRecord, why: Why): void {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
@@ -339,6 +340,7 @@ export class Session {
     if (r < 0 && r !== -ERRNO.ENOENT) throw this.device.error(KVM_INTRO_MEM_UNMAP, r);
   }
 
+  /** @internal */
   _unmapRange(rec: RangeRecord, why: Why): void {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');

@@ -9,13 +9,8 @@ export { ModelHost, ModelVm } from './host.js';
 export type { CreateVmOptions, HookArgs, HostCounters, HostMapping, HostStats, ModelHostOptions, VmStats } from './host.js';
 export { GuestMemory } from './memory.js';
 export type { AnonymousOptions, FromFileOptions, MemoryRegion, PcLayoutOptions, ResolvedGpa } from './memory.js';
-export { KvmiMemDriver, FileMap } from './driver.js';
-export type { PageMap } from './driver.js';
 export { ModelDevice } from './model-device.js';
-export { TokenStore } from './tokens.js';
-export type { TokenStoreOptions } from './tokens.js';
-export { KvmiConnection, KVMI_MAX_MESSAGE_SIZE } from './kvmi-server.js';
-export type { UnhookAck } from './kvmi-server.js';
-export { attach, preunhook, cookieMatches } from './device-manager.js';
+export { attach, preunhook } from './device-manager.js';
 export type { AttachOptions, Attachment, PreunhookOptions } from './device-manager.js';
-export { adoptSocket, socketFd } from './sockets.js';
+// The driver's and host's parts (KvmiMemDriver, FileMap, TokenStore, KvmiConnection,
+// the socket adopters) are internals: import them from their modules in this tree.
