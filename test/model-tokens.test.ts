@@ -221,7 +221,8 @@ test('tokens never appear in debug logs or error messages (NODE_DEBUG=kvmmem)', 
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ModelHost, adoptSocket } from ${src('src/model/index.ts')};
+import { ModelHost } from ${src('src/model/index.ts')};
+import { adoptSocket } from ${src('src/model/sockets.ts')};
 import { Window } from ${src('src/sys/window.ts')};
 import { KVM_INTRO_MEM_MAP, KVM_HC_MEM_MAP, encodeMemMap } from ${src('src/abi/index.ts')};
 const p = path.join(os.tmpdir(), 'kvmmem-tokenlog-' + process.pid + '.sock');
