@@ -397,7 +397,8 @@ export class Session {
     let idx = this.#byVm.get(vm);
     if (!idx) {
       // UNHOOK (or the connection ending): unmap every page of that VM, synchronously,
-      // before the channel replies and closes the socket (seed 004).
+      // before the channel replies and closes the socket (KVM_INTROSPECTION_PREUNHOOK: the
+      // device manager waits for exactly that).
       const onEnd = () => this.#revokeVm(vm);
       const share = vmShare(vm);
       share.join(onEnd, this.options.maxTokensInFlight);
@@ -625,11 +626,7 @@ export class Session {
     return fatal;
   }
 
-  /**
-   * The session's MAP records and results for a batch of n, reused across
-   * batches (and pinned, so the native batch call takes their addresses). Safe to
-   * share: each batch encodes, issues and reads them with no await in between.
-   */
+  /** The UNMAP values and results for n pages of a range, reused and pinned as #scratch's. */
   #unmapScratch(n: number): { values: Buffer; results: Int32Array } {
     if (this.#unmapValues.length < 8 * n) {
       this.#unmapValues = Buffer.alloc(8 * n);
@@ -640,6 +637,12 @@ export class Session {
     return { values: this.#unmapValues, results: this.#unmapResults };
   }
 
+  /**
+   * The session's MAP records and results for a batch of n (and which item each
+   * record maps), reused across batches and pinned, so the native batch call
+   * takes their addresses. Safe to share: each batch encodes, issues and reads
+   * them with no await in between.
+   */
   #scratch(n: number): { records: Buffer; results: Int32Array; use: Int32Array } {
     if (this.#records.length < n * MEM_MAP_SIZE) {
       this.#records = Buffer.alloc(n * MEM_MAP_SIZE);

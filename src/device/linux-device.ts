@@ -1,5 +1,5 @@
 /**
- * The real /dev/kvmmem misc device of the KVMI patches (seed 003), driven with
+ * The real /dev/kvmmem misc device of the KVMI patches (RFC v4 kvmi_mem_guest.c), driven with
  * ioctl(2) through src/sys. MAP takes a pointer to the 48-byte kvmi_mem_map,
  * UNMAP the page address as the argument *value*.
  */
