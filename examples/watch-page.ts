@@ -8,11 +8,11 @@ try {
   const gpa = t.arg('gpa', t.truth ? t.truth.tasks[1]!.gpa : undefined);
   const seconds = Number(t.arg('seconds', 3n));
   using page = await t.session.map(t.vm, gpa);
-  console.log(`watching gpa 0x${page.gpa.toString(16)} at local 0x${page.address.toString(16)} for ${seconds} s`);
+  console.log(`watching the page at gpa 0x${page.pageGpa.toString(16)} at local 0x${page.address.toString(16)} for ${seconds} s`);
   let last = Buffer.from(page.buffer);
   // On the demo guest nothing runs, so play the guest: bump a counter in the page now and then.
   let n = 0;
-  const writer = t.truth ? setInterval(() => t.memory.write(page.gpa + 0xff0n, Buffer.from(`tick-${++n}`.padEnd(16, '\0'))), 400) : undefined;
+  const writer = t.truth ? setInterval(() => t.memory.write(page.pageGpa + 0xff0n, Buffer.from(`tick-${++n}`.padEnd(16, '\0'))), 400) : undefined;
   const poll = setInterval(() => {
     const now = page.buffer; // the live view: the same memory the guest uses
     for (let off = 0; off < now.length; off += 16) {

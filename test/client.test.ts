@@ -38,7 +38,9 @@ test('full path: map, live aliasing both ways, unmap, close leaves nothing mappe
   mem.write(0x5000n, Buffer.from('hello from the guest'));
   const s = l.open();
   const page = await s.map(l.vm('g1'), 0x5123n); // any gpa in the page
-  t.is(page.gpa, 0x5000n);
+  t.is(page.gpa, 0x5123n, 'gpa is what was asked for, as MappedRange.gpa');
+  t.is(page.pageGpa, 0x5000n);
+  t.is(page.offset, 0x123);
   t.is(page.address % BigInt(PS), 0n);
   t.is(page.buffer.length, PS);
   t.is(page.buffer.toString('latin1', 0, 20), 'hello from the guest');

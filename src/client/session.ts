@@ -196,7 +196,8 @@ export class Session {
   /** Maps the guest page containing `gpa` of `vm` at a fresh local page. */
   async map(vm: TargetVm, gpa: AddressLike): Promise<MappedPage> {
     assertTargetVm(vm, 'map');
-    const base = pageBase(toAddress(gpa, 'gpa'));
+    const want = toAddress(gpa, 'gpa');
+    const base = pageBase(want);
     this.#check(vm);
     const idx = this.#index(vm);
     const lease = localMemory.takePage();
@@ -212,7 +213,7 @@ export class Session {
     this.#pages.set(lease.address, rec);
     idx.pages.add(rec);
     this.#stats.live++;
-    const page = new MappedPage(this, rec, localMemory.view(lease, unmapWhenCollected(this.#ref, rec)));
+    const page = new MappedPage(this, rec, localMemory.view(lease, unmapWhenCollected(this.#ref, rec)), pageOffset(want));
     if (debug.enabled) debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(lease.address));
     return page;
   }
@@ -714,16 +715,22 @@ abstract class Mapping implements Disposable {
 export class MappedPage extends Mapping {
   readonly #rec: PageRecord;
   readonly #view: Buffer;
+  readonly #offset: number;
 
   /** @internal */
-  constructor(session: Session, rec: PageRecord, view: Buffer) {
+  constructor(session: Session, rec: PageRecord, view: Buffer, offset: number) {
     super(session, rec);
     this.#rec = rec;
     this.#view = view;
+    this.#offset = offset;
   }
 
-  /** The gpa of the page's first byte (the gpa given to map(), rounded down to its page). */
-  get gpa(): bigint { return this.#rec.gpa; }
+  /** The gpa given to map() (not rounded), as MappedRange.gpa. */
+  get gpa(): bigint { return this.#rec.gpa + BigInt(this.#offset); }
+  /** The gpa of the page's first byte (gpa rounded down to the page). */
+  get pageGpa(): bigint { return this.#rec.gpa; }
+  /** Where gpa lies in the page: buffer[offset] is the byte at gpa. */
+  get offset(): number { return this.#offset; }
   get address(): bigint { this.live(); return BigInt(this.#rec.lease.address); }
   /**
    * Live 4 KiB view of the guest page. Kept after unmap() it reads zeros and
@@ -743,7 +750,7 @@ export class MappedPage extends Mapping {
   /** @internal */
   protected unmapNow(): void { this.session._unmapPage(this.#rec, 'unmapped'); }
   /** @internal */
-  protected what(): string { return `page gpa ${hex(this.#rec.gpa)} of vm ${this.#rec.vm.name}`; }
+  protected what(): string { return `page gpa ${hex(this.gpa)} of vm ${this.#rec.vm.name}`; }
 }
 
 /** Consecutive guest pages mapped into one contiguous local window. */
@@ -764,6 +771,10 @@ export class MappedRange extends Mapping {
 
   /** The gpa asked for (not rounded). */
   get gpa(): bigint { return this.#rec.gpa + BigInt(this.#offset); }
+  /** The gpa of the first page's first byte (gpa rounded down to the page). */
+  get pageGpa(): bigint { return this.#rec.gpa; }
+  /** Where gpa lies in the first page (buffer starts there). */
+  get offset(): number { return this.#offset; }
   get length(): number { return this.#length; }
   get pages(): number { return this.#rec.pages; }
   /** Local address of the first byte asked for. */
