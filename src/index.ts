@@ -10,3 +10,6 @@ export type { Device, IoctlArg } from './device/device.js';
 export {
   KvmmemError, SyscallError, DeviceError, NoDeviceError, NotKvmmemDeviceError, ClosedError, UsageError,
 } from './errors.js';
+// Worker threads: the typed refusal, and cleanup for workers created before kvmmem was imported.
+export { ThreadUnsafeError, reapThread } from './sys/thread.js';
+export type { Reaped } from './sys/thread.js';

@@ -5,14 +5,34 @@
  * Everything in between is real (sockets, handshake, tokens, page remaps), so
  * code written against a lab runs unchanged against a real deployment.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { IntrospectionServer, type Vm } from '../channel/index.js';
 import { ModelHost, type GuestMemory, type ModelHostOptions, type ModelVm } from '../model/index.js';
+import type { Device } from '../device/device.js';
 import { UsageError } from '../errors.js';
-import { KvmMem } from './kvmmem.js';
-import type { Session, SessionOptions } from './session.js';
+import { makeOwnedTempDir, onThreadExit, removeStaleTempDirs } from '../sys/thread.js';
+import { Session, type SessionOptions } from './session.js';
+
+/** A lab's session: leaves the lab's list when closed, so a long-lived lab holds only open ones. */
+class LabSession extends Session {
+  readonly #closed: (s: Session) => void;
+  constructor(device: Device, options: SessionOptions, closed: (s: Session) => void) {
+    super(device, options);
+    this.#closed = closed;
+  }
+
+  override close(): void {
+    try {
+      super.close();
+    } finally {
+      this.#closed(this);
+    }
+  }
+}
+
+/** Labs of processes killed without cleanup leave their socket directories: swept once per process. */
+let staleSwept = false;
 
 export interface LabVmSpec {
   name: string;
@@ -44,6 +64,8 @@ export class ModelLab {
   readonly #vms = new Map<string, LabVm>();
   readonly #sessions = new Set<Session>();
   readonly #tmp: string | undefined;
+  readonly #dropSession = (s: Session): void => { this.#sessions.delete(s); };
+  readonly #unhookExit: () => void;
   #closed = false;
 
   private constructor(host: ModelHost, server: IntrospectionServer, socketPath: string, tmp: string | undefined) {
@@ -51,13 +73,28 @@ export class ModelLab {
     this.server = server;
     this.socketPath = socketPath;
     this.#tmp = tmp;
+    // A process or worker that exits without close() still releases the lab's
+    // native resources and removes its directory (the server's sockets end with
+    // the thread's event loop).
+    this.#unhookExit = onThreadExit(() => this.#teardown());
   }
 
   static async start(opts: LabOptions): Promise<ModelLab> {
     const cookie = opts.cookie ?? 'kvmmem';
-    const tmp = opts.socketPath === undefined ? mkdtempSync(join(tmpdir(), 'kvmmem-lab-')) : undefined;
+    if (!staleSwept) {
+      staleSwept = true;
+      removeStaleTempDirs();
+    }
+    // kvmmem-lab-PID-THREAD-XXXXXX: the owner can be told from the name (thread.ts).
+    const tmp = opts.socketPath === undefined ? makeOwnedTempDir('lab') : undefined;
     const socketPath = opts.socketPath ?? join(tmp!, 'kvmi.sock');
-    const server = await IntrospectionServer.listen({ unix: socketPath }, { cookie });
+    let server: IntrospectionServer;
+    try {
+      server = await IntrospectionServer.listen({ unix: socketPath }, { cookie });
+    } catch (e) {
+      if (tmp !== undefined) rmSync(tmp, { recursive: true, force: true });
+      throw e;
+    }
     const host = new ModelHost({ cookie, ...opts.host });
     const lab = new ModelLab(host, server, socketPath, tmp);
     try {
@@ -94,18 +131,38 @@ export class ModelLab {
     return e.model;
   }
 
-  /** A new session over the model's /dev/kvmmem (one driver file_map). */
+  /** A new session over the model's /dev/kvmmem (one driver file_map). The lab keeps it until it is closed. */
   open(options: SessionOptions = {}): Session {
-    const s = KvmMem.open({ model: this.host, ...options });
+    const device = this.host.openDevice();
+    let s: Session;
+    try {
+      s = new LabSession(device, options, this.#dropSession);
+    } catch (e) {
+      device.close();
+      throw e;
+    }
     this.#sessions.add(s);
     return s;
   }
 
+  /** Sessions of this lab not closed yet (closed ones are not kept). */
+  get openSessions(): number { return this.#sessions.size; }
+
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    for (const s of this.#sessions) s.close();
+    this.#unhookExit();
+    for (const s of [...this.#sessions]) s.close();
     await this.server.close();
+    this.host.close();
+    if (this.#tmp !== undefined) rmSync(this.#tmp, { recursive: true, force: true });
+  }
+
+  /** close() without waiting: what still can be done when the thread exits. */
+  #teardown(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const s of [...this.#sessions]) s.close();
     this.host.close();
     if (this.#tmp !== undefined) rmSync(this.#tmp, { recursive: true, force: true });
   }

@@ -10,6 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as libc from '../sys/libc.js';
+import { recordFd, release, type LedgerEntry } from '../sys/thread.js';
 import { PAGE_SIZE } from '../abi/structs.js';
 import { UsageError } from '../errors.js';
 
@@ -74,6 +75,8 @@ export class GuestMemory {
   /** Sorted by gpa, non-overlapping, page-aligned. */
   readonly regions: readonly MemoryRegion[];
   #fd: number;
+  /** The fd's entry in the thread ledger: closed for us if this thread is terminated. */
+  readonly #ledger: LedgerEntry;
   /** _offsetOfPage(): the regions as numbers (built on first use), and the last region hit. */
   #numRegions: Float64Array | null | undefined;
   #lastRegion = 0;
@@ -82,6 +85,7 @@ export class GuestMemory {
     this.name = name;
     this.path = path;
     this.#fd = fd;
+    this.#ledger = recordFd(fd);
     this.fileSize = fileSize;
     this.writable = writable;
     try {
@@ -293,6 +297,7 @@ export class GuestMemory {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
+    release(this.#ledger); // before the close: a reaper must never close a reused fd number
     fs.closeSync(fd);
   }
 }

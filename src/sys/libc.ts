@@ -8,6 +8,8 @@
  * returns -errno instead of throwing and reads errno from a live view of the
  * thread's errno slot (cheaper than `errno: true`), verified at start-up.
  */
+// First: pins ffi-rs resident so a worker thread's exit cannot unload it (see thread.ts).
+import './thread.js';
 import ffi from 'ffi-rs';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
