@@ -162,6 +162,7 @@ test('a worker terminated mid-session leaves no fd, no lab directory and no reco
   t.true(f.after.fds <= f.before.fds, 'no fd of the terminated worker stays open');
   t.is(f.after.labDirs, f.before.labDirs, "the worker's lab directory is removed");
   t.true(f.ready.lockedKiB - f.after.lockedKiB >= 4096, 'the recorded 4 MiB locked mapping is unmapped');
+  t.is(f.after.lockedKiB, f.before.lockedKiB, 'nothing stays locked: the sessions\' page windows are in the ledger too');
 });
 
 test('a worker that calls process.exit() or dies of an uncaught error mid-session cleans up after itself', (t) => {
@@ -177,6 +178,7 @@ test('a worker that calls process.exit() or dies of an uncaught error mid-sessio
     t.true(f.after.fds <= f.before.fds, `${end}: no fd stays open`);
     t.is(f.after.labDirs, f.before.labDirs, `${end}: the lab directory is removed`);
     t.true(f.ready.lockedKiB - f.after.lockedKiB >= 4096, `${end}: the recorded locked mapping is released`);
+    t.is(f.after.lockedKiB, f.before.lockedKiB, `${end}: nothing stays locked`);
   }
 });
 

@@ -33,6 +33,8 @@ const SLAB_PAGES = 64;
 const FREE_PAGES_BYTES = 4 << 20;
 const CACHED_WINDOWS_BYTES = 32 << 20;
 const QUARANTINE_LOCKED_BYTES = 16 << 20;
+/** Cold free pages past this many: wholly free slabs are unmapped. */
+const COLD_PAGES_MAX = 4096;
 
 /** Local memory lent to one mapping (a single page, or a range's window). */
 export interface Lease {
@@ -40,6 +42,8 @@ export interface Lease {
   readonly length: number;
   /** The window of a range; null for a single page carved from a slab. */
   readonly window: Window | null;
+  /** The slab of a single page. */
+  readonly slab: Slab | null;
   /** A view was handed out: the address waits for its collection. */
   viewed: boolean;
   /** No longer mapped: nothing of a guest is behind the address. */
@@ -64,13 +68,36 @@ export interface LocalMemoryStats {
   sessions: number;
 }
 
+/**
+ * A window of SLAB_PAGES single pages. Pages are never unmapped one by one (the
+ * thread ledger records the slab as one mapping, and a hole could be reused by
+ * another allocation): a page given back beyond the caps is unlocked and
+ * dropped instead, and a slab is unmapped only when all its pages are free.
+ */
+interface Slab {
+  readonly window: Window;
+  /** One entry per page, reused as it moves between the free sets. */
+  readonly pages: FreePage[];
+  /** Pages of it in the free sets. */
+  free: number;
+}
+
+interface FreePage {
+  readonly address: number;
+  readonly slab: Slab;
+}
+
 interface Held {
   readonly lease: Lease;
   readonly onCollected: (() => void) | undefined;
 }
 
 class LocalMemory {
-  #freePages: number[] = [];
+  /** Free single pages, locked and ready. */
+  readonly #warm = new Set<FreePage>();
+  /** Free single pages unlocked and dropped (locked again when taken). */
+  readonly #coldPages = new Set<FreePage>();
+  readonly #slabs = new Set<Slab>();
   readonly #windows = new Map<number, Window[]>(); // cached windows by byte length
   #cachedWindowBytes = 0;
   readonly #quarantine = new Set<Lease>();
@@ -84,8 +111,18 @@ class LocalMemory {
   readonly #registry = new FinalizationRegistry<Held>((held) => this.#collected(held));
 
   takePage(): Lease {
-    if (this.#freePages.length === 0) this.#growSlab();
-    return { address: this.#freePages.pop()!, length: PAGE_SIZE, window: null, viewed: false, released: false, cold: false };
+    let p = first(this.#warm);
+    if (p !== undefined) {
+      this.#warm.delete(p);
+    } else if ((p = first(this.#coldPages)) !== undefined) {
+      this.#lockColdPage(p);
+    } else {
+      this.#growSlab();
+      p = first(this.#warm)!;
+      this.#warm.delete(p);
+    }
+    p.slab.free--;
+    return { address: p.address, length: PAGE_SIZE, window: null, slab: p.slab, viewed: false, released: false, cold: false };
   }
 
   takeWindow(pages: number): Lease {
@@ -93,7 +130,7 @@ class LocalMemory {
     let w = this.#windows.get(length)?.pop();
     if (w !== undefined) this.#cachedWindowBytes -= length;
     else w = this.#alloc(length);
-    return { address: w.address, length, window: w, viewed: false, released: false, cold: false };
+    return { address: w.address, length, window: w, slab: null, viewed: false, released: false, cold: false };
   }
 
   /**
@@ -143,7 +180,7 @@ class LocalMemory {
 
   /** Gives back everything not in use: free pages and windows unmapped, quarantined ones unlocked. */
   reclaim(): void {
-    this.#unmapFreePages();
+    this.#trimPages(true);
     for (const list of this.#windows.values()) for (const w of list) this.#freeWindow(w, true);
     this.#windows.clear();
     this.#cachedWindowBytes = 0;
@@ -154,7 +191,7 @@ class LocalMemory {
     return {
       lockedBytes: this.#locked,
       limitBytes: this.#memlockLimit(),
-      freePages: this.#freePages.length,
+      freePages: this.#warm.size,
       cachedWindowBytes: this.#cachedWindowBytes,
       quarantined: this.#quarantine.size,
       quarantinedBytes: this.#quarantinedBytes,
@@ -180,15 +217,19 @@ class LocalMemory {
 
   #recycle(lease: Lease): void {
     const keep = !lease.cold && this.#sessions > 0;
-    if (lease.window === null) {
-      if (keep && (this.#freePages.length + 1) * PAGE_SIZE <= this.#cap(FREE_PAGES_BYTES)) {
-        this.#freePages.push(lease.address);
-      } else {
-        this.#munmap(lease.address, PAGE_SIZE, !lease.cold);
+    if (lease.slab !== null) {
+      const p = lease.slab.pages[(lease.address - lease.slab.window.address) / PAGE_SIZE]!;
+      lease.slab.free++;
+      if (keep && (this.#warm.size + 1) * PAGE_SIZE <= this.#cap(FREE_PAGES_BYTES)) {
+        this.#warm.add(p);
+        return;
       }
+      if (!lease.cold) this.#coolPage(p.address);
+      this.#coldPages.add(p);
+      if (this.#sessions === 0 || this.#coldPages.size > COLD_PAGES_MAX) this.#trimPages(false);
       return;
     }
-    const w = lease.window;
+    const w = lease.window!;
     if (keep && this.#cachedWindowBytes + w.length <= this.#cap(CACHED_WINDOWS_BYTES)) {
       let list = this.#windows.get(w.length);
       if (!list) this.#windows.set(w.length, (list = []));
@@ -216,9 +257,61 @@ class LocalMemory {
   }
 
   #growSlab(): void {
-    const w = this.#alloc(SLAB_PAGES * PAGE_SIZE);
-    // Pushed high to low, so pop() hands out the lowest address first.
-    for (let i = SLAB_PAGES - 1; i >= 0; i--) this.#freePages.push(w.address + i * PAGE_SIZE);
+    const slab: Slab = { window: this.#alloc(SLAB_PAGES * PAGE_SIZE), pages: [], free: SLAB_PAGES };
+    this.#slabs.add(slab);
+    for (let i = 0; i < SLAB_PAGES; i++) {
+      const p: FreePage = { address: slab.window.address + i * PAGE_SIZE, slab };
+      slab.pages.push(p);
+      this.#warm.add(p);
+    }
+  }
+
+  /** A cold free page locked (and populated) again for use, within RLIMIT_MEMLOCK. */
+  #lockColdPage(p: FreePage): void {
+    if (this.#locked + PAGE_SIZE > this.#memlockLimit()) {
+      this.reclaim();
+      if (this.#locked + PAGE_SIZE > this.#memlockLimit()) throw this.#lockError(PAGE_SIZE, undefined);
+    }
+    this.#coldPages.delete(p); // before a reclaim could unmap its slab
+    try {
+      libc.mlock(p.address, PAGE_SIZE);
+    } catch (e) {
+      this.#coldPages.add(p);
+      throw isLockFailure(e) ? this.#lockError(PAGE_SIZE, e) : e;
+    }
+    this.#locked += PAGE_SIZE;
+  }
+
+  #coolPage(address: number): void {
+    this.#locked -= PAGE_SIZE;
+    try {
+      libc.munlock(address, PAGE_SIZE);
+      libc.madvise(address, PAGE_SIZE, libc.MADV_DONTNEED);
+    } catch (e) {
+      debug('cooling a free page failed: %s', (e as Error).message);
+    }
+  }
+
+  /**
+   * Unmaps slabs whose pages are all free; with `all`, cools every warm free
+   * page first (nothing stays locked for reuse).
+   */
+  #trimPages(all: boolean): void {
+    if (all) {
+      for (const p of this.#warm) { this.#coolPage(p.address); this.#coldPages.add(p); }
+      this.#warm.clear();
+    }
+    for (const slab of this.#slabs) {
+      if (slab.free !== SLAB_PAGES) continue;
+      let warm = 0;
+      for (const p of slab.pages) {
+        if (this.#warm.delete(p)) warm++;
+        else this.#coldPages.delete(p);
+      }
+      this.#slabs.delete(slab);
+      this.#locked -= warm * PAGE_SIZE;
+      slab.window.free();
+    }
   }
 
   /** A new locked window, within RLIMIT_MEMLOCK (reclaiming first when needed). */
@@ -248,33 +341,10 @@ class LocalMemory {
     return new LockedMemoryError(length, this.#locked, this.#memlockLimit(), this.#quarantinedBytes, cause);
   }
 
-  #unmapFreePages(): void {
-    if (this.#freePages.length === 0) return;
-    // Adjacent free pages (most of a slab) go in one munmap.
-    const a = this.#freePages.sort((x, y) => x - y);
-    let start = a[0]!, end = start + PAGE_SIZE;
-    for (let i = 1; i <= a.length; i++) {
-      const p = a[i];
-      if (p === end) { end += PAGE_SIZE; continue; }
-      this.#munmap(start, end - start, true);
-      if (p !== undefined) { start = p; end = p + PAGE_SIZE; }
-    }
-    this.#freePages = [];
-  }
-
   #freeWindow(w: Window, locked: boolean): void {
     this.#internal.delete(w);
     w.free();
     if (locked) this.#locked -= w.length;
-  }
-
-  #munmap(address: number, length: number, locked: boolean): void {
-    try {
-      libc.munmap(address, length);
-    } catch (e) {
-      debug('munmap of local pages failed: %s', (e as Error).message);
-    }
-    if (locked) this.#locked -= length;
   }
 
   #cap(bytes: number): number {
@@ -285,6 +355,11 @@ class LocalMemory {
   #memlockLimit(): number {
     return (this.#limit ??= readMemlockLimit());
   }
+}
+
+function first<T>(set: Set<T>): T | undefined {
+  for (const x of set) return x;
+  return undefined;
 }
 
 function isLockFailure(e: unknown): boolean {

@@ -10,6 +10,7 @@ import { KVMI_MEM_MAP_LAYOUT, MEM_MAP_SIZE, MEM_TOKEN_SIZE, encodeMemMap } from 
 import type { Device } from '../device/device.js';
 import { ClosedError, KvmmemError, UsageError } from '../errors.js';
 import * as libc from '../sys/libc.js';
+import { onThreadExit } from '../sys/thread.js';
 import { PAGE_SIZE, hex, pageBase, pageOffset, toAddress, type AddressLike } from './address.js';
 import { RetryExhaustedError, UseAfterUnmapError } from './errors.js';
 import { localMemory, type Lease } from './local-memory.js';
@@ -182,12 +183,15 @@ export class Session {
   #unmapValues = Buffer.alloc(0);
   #unmapResults = new Int32Array(0);
   #closed = false;
+  #noExitHook: () => void;
   readonly #stats: SessionStats = { live: 0, maps: 0, unmaps: 0, tokens: 0, tokenRoundTrips: 0, tokensRefused: 0, retries: 0, revoked: 0 };
 
   constructor(device: Device, options: SessionOptions = {}) {
     this.options = validateSessionOptions(options);
     this.device = device;
     localMemory.sessionOpened();
+    // A worker's exit (or process.exit) closes the device like the driver's release() would.
+    this.#noExitHook = onThreadExit(() => this.close());
   }
 
   get closed(): boolean { return this.#closed; }
@@ -308,6 +312,7 @@ export class Session {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#noExitHook();
     try {
       this.device.close();
     } finally {

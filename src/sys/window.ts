@@ -5,6 +5,7 @@
  * (so it stays there), with a live Buffer over them and their numeric address.
  */
 import * as libc from './libc.js';
+import { recordMapping, release, type LedgerEntry } from './thread.js';
 import { UsageError } from '../errors.js';
 
 export interface WindowOptions {
@@ -24,6 +25,8 @@ export class Window {
   /** Live view of the whole window (absent above 4 GiB or with { view: false }: use view()). */
   readonly buffer: Buffer | undefined;
   readonly locked: boolean;
+  /** In the process-wide ledger, so a terminated worker's windows are unmapped by the thread that reaps it. */
+  readonly #ledger: LedgerEntry;
   #freed = false;
 
   private constructor(address: number, length: number, locked: boolean, withView: boolean) {
@@ -31,6 +34,7 @@ export class Window {
     this.length = length;
     this.locked = locked;
     this.buffer = withView && length <= libc.MAX_VIEW_BYTES ? libc.view(address, length) : undefined;
+    this.#ledger = recordMapping(address, length);
   }
 
   static alloc(length: number, opts: WindowOptions = {}): Window {
@@ -64,6 +68,7 @@ export class Window {
   free(): void {
     if (this.#freed) return;
     this.#freed = true;
+    release(this.#ledger); // before the munmap: a reaper must never unmap an address reused since
     libc.munmap(this.address, this.length);
   }
 }
