@@ -203,3 +203,5 @@ echo "DIR=$DIR"
 echo "KERNEL=$KERNEL"
 echo "INITRD=$INITRD"
 echo "QEMU=$QEMU"
+# Lab agent (native/lab/, cached by source hash); optional: report and continue.
+bash "$(dirname "${BASH_SOURCE[0]}")/../lab/build-agent.sh" >/dev/null 2>"$DIR/agent-build.log" && log "lab agent built" || log "warning: lab agent not built (see $DIR/agent-build.log); the live target works without it"
