@@ -3,7 +3,7 @@
  * built-in model) by default, or `--ram FILE` for a real guest's RAM file
  * (a QEMU memory-backend-file with share=on, or a raw dump).
  */
-import { ModelLab } from '../src/index.js';
+import { ModelLab } from '../src/lab/index.js';
 import { GuestMemory } from '../src/model/index.js';
 import { buildSyntheticGuest, type SyntheticTruth } from '../src/inspect/index.js';
 

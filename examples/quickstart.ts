@@ -1,5 +1,5 @@
 // The README's quickstart: a whole KVMI deployment on the model, one page mapped live.
-import { ModelLab } from '../src/index.js';
+import { ModelLab } from '../src/lab/index.js';
 
 const lab = await ModelLab.start({ vms: [{ name: 'guest', memory: 16 << 20 }] });
 const guest = lab.modelVm('guest').memory;           // the host side: the VM's RAM

@@ -4,7 +4,8 @@
  * sessions sharing one VM share its token budget fairly, without listener warnings.
  */
 import test from 'ava';
-import { KvmMem, ModelLab, UsageError, scan, type TargetVm } from '../src/index.js';
+import { KvmMem, UsageError, scan, type TargetVm } from '../src/index.js';
+import { ModelLab } from '../src/lab/index.js';
 
 const MiB = 1 << 20;
 const PS = 4096;

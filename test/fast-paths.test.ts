@@ -8,7 +8,8 @@ import test from 'ava';
 import { readFileSync } from 'node:fs';
 import * as libc from '../src/sys/libc.js';
 import { Window, remapFresh, remapShared } from '../src/sys/window.js';
-import { ModelLab, type TargetVm } from '../src/client/index.js';
+import type { TargetVm } from '../src/client/index.js';
+import { ModelLab } from '../src/lab/index.js';
 import { UsageError } from '../src/errors.js';
 
 const PS = 4096;

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync 
 import { constants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ModelLab } from '../src/client/model-lab.js';
+import { ModelLab } from '../src/lab/model-lab.js';
 
 const BIN = fileURLToPath(new URL('../bin/kvmmem.js', import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), 'kvmmem-lifecycle-test-'));

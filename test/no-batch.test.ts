@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 test('no batch helper: the per-call path maps a range correctly and says why once', (t) => {
   const root = fileURLToPath(new URL('..', import.meta.url));
   const code = `
-    import { ModelLab } from './src/index.js';
+    import { ModelLab } from './src/lab/index.js';
     import * as libc from './src/sys/libc.js';
     const lab = await ModelLab.start({ vms: [{ name: 'g', memory: 4 << 20 }] });
     lab.modelVm('g').memory.write(0x3000n, Buffer.from('per-call path'));

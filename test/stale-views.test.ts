@@ -7,7 +7,8 @@
 import test from 'ava';
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { ModelLab, localMemoryStats, type MappedPage } from '../src/client/index.js';
+import { localMemoryStats, type MappedPage } from '../src/client/index.js';
+import { ModelLab } from '../src/lab/index.js';
 
 const MiB = 1 << 20;
 const PS = 4096;
@@ -123,7 +124,8 @@ test.serial('locked memory is bounded across mapRange of 1..600 pages and given 
 test('RLIMIT_MEMLOCK as an unprivileged user: churn stays within it; a range over it is a typed ENOMEM; nothing stays locked', (t) => {
   const src = (p: string) => JSON.stringify(new URL(`../src/${p}`, import.meta.url).href);
   const code = `
-    const { ModelLab, localMemoryStats } = await import(${src('client/index.ts')});
+    const { localMemoryStats } = await import(${src('client/index.ts')});
+    const { ModelLab } = await import(${src('lab/index.ts')});
     const { readFileSync } = await import('node:fs');
     await import(${src('model/index.ts')});
     if (process.getuid() === 0) process.setuid(65534); // drops CAP_IPC_LOCK: the 8 MiB default applies

@@ -12,6 +12,7 @@ import { pathToFileURL } from 'node:url';
 import { ThreadUnsafeError, checkThreadSafety, ffiBinaries, pinnedFfiBinaries } from '../src/sys/thread.js';
 
 const INDEX = new URL('../src/index.ts', import.meta.url).href;
+const LAB_INDEX = new URL('../src/lab/index.ts', import.meta.url).href;
 const THREAD = new URL('../src/sys/thread.ts', import.meta.url).href;
 const LIBC = new URL('../src/sys/libc.ts', import.meta.url).href;
 const TSX_API = import.meta.resolve('tsx/esm/api');
@@ -42,7 +43,7 @@ const report = (r: ReturnType<typeof child>) => `status ${r.status} signal ${r.s
 /** A worker body: a lab with a 16 MiB VM, a session, a page and a 1 MiB range mapped, plus (optionally) a recorded locked mapping. */
 const SESSION_BODY = `
 import { parentPort, workerData } from 'node:worker_threads';
-import { ModelLab } from ${JSON.stringify(INDEX)};
+import { ModelLab } from ${JSON.stringify(LAB_INDEX)};
 import * as libc from ${JSON.stringify(LIBC)};
 import { recordMapping } from ${JSON.stringify(THREAD)};
 const lab = await ModelLab.start({ vms: [{ name: 'g', memory: 16 << 20 }] });
@@ -119,7 +120,7 @@ test('where the pin fails, a worker gets ThreadUnsafeError saying what to do (th
 test('a worker that alone loads kvmmem can exit, be terminated, or run beside others: the process lives', (t) => {
   const entry = body('alone', `
 import { parentPort, workerData } from 'node:worker_threads';
-import { ModelLab } from ${JSON.stringify(INDEX)};
+import { ModelLab } from ${JSON.stringify(LAB_INDEX)};
 const lab = await ModelLab.start({ vms: [{ name: 'g', memory: 1 << 20 }] });
 const s = lab.open();
 const page = await s.map(lab.vm('g'), 0x1000n);

@@ -20,7 +20,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../abi/ioctl.js';
 import { MEM_MAP_SIZE, encodeMemMap } from '../abi/structs.js';
-import { ModelLab } from '../client/model-lab.js';
+import { ModelLab } from '../lab/model-lab.js';
 import { Session, type MappedRange } from '../client/session.js';
 import type { TargetVm } from '../client/target.js';
 import type { Device, IoctlArg } from '../device/device.js';

@@ -6,7 +6,7 @@
 import { existsSync, statSync } from 'node:fs';
 import { InvalidArgumentError } from 'commander';
 import { SingleBar, Presets } from 'cli-progress';
-import { ModelLab } from '../client/model-lab.js';
+import { ModelLab } from '../lab/model-lab.js';
 import type { Session } from '../client/session.js';
 import { toAddress } from '../client/address.js';
 import { GuestMemory } from '../model/index.js';

@@ -4,7 +4,7 @@
  * and scans its memory, walks its page tables, follows a kernel list, watches a
  * live page, and tears everything down — then shows nothing is left mapped.
  */
-import { ModelLab } from '../client/model-lab.js';
+import { ModelLab } from '../lab/model-lab.js';
 import { hex } from '../client/address.js';
 import { PhysicalReader, AddressSpace, scan, buildSyntheticGuest } from '../inspect/index.js';
 import type { Output } from './common.js';

@@ -8,7 +8,7 @@ import { hex } from '../client/address.js';
 import { PhysicalReader, AddressSpace, scan } from '../inspect/index.js';
 import { IntrospectionServer } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
-import { ModelLab } from '../client/model-lab.js';
+import { ModelLab } from '../lab/model-lab.js';
 import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, runCommand, withRam } from './common.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';

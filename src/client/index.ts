@@ -4,4 +4,3 @@ export { UseAfterUnmapError, RetryExhaustedError, LockedMemoryError } from './er
 export { localMemoryStats, type LocalMemoryStats } from './local-memory.js';
 export { toAddress, hex, PAGE_SIZE, type AddressLike } from './address.js';
 export type { TargetVm } from './target.js';
-export { ModelLab, type LabOptions, type LabVm, type LabVmSpec } from './model-lab.js';

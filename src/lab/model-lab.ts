@@ -12,7 +12,7 @@ import { ModelHost, type GuestMemory, type ModelHostOptions, type ModelVm } from
 import type { Device } from '../device/device.js';
 import { UsageError } from '../errors.js';
 import { makeOwnedTempDir, onThreadExit, removeStaleTempDirs } from '../sys/thread.js';
-import { Session, type SessionOptions } from './session.js';
+import { Session, type SessionOptions } from '../client/session.js';
 
 /** A lab's session: leaves the lab's list when closed, so a long-lived lab holds only open ones. */
 class LabSession extends Session {
