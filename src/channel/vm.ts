@@ -15,7 +15,7 @@
  * most maxReadBufferBytes of unprocessed input and maxWriteQueueBytes of
  * output. Event replies of one read are written at once; while more than
  * writeHighWaterBytes wait to be written, the connection stops reading (the
- * peer's sends block in its kernel) and resumes on 'drain'; a peer that leaves
+ * peer's sends block in its kernel) and resumes once half of that is written; a peer that leaves
  * them unread for writeStallMs is closed. At most eventsPerTurn events are
  * handled per turn of the event loop, so one busy peer cannot starve the
  * others. Going over a bound closes the connection with a ChannelLimitError.
@@ -25,8 +25,8 @@ import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
 import {
-  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMessage,
-  kvmiMessageName, ERROR_CODE_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
+  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMsgHdr,
+  kvmiMessageName, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
   KVMI_IDS, MSG_HDR_SIZE, MSG_MAX_BODY_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
 } from '../abi/kvmi.js';
 import { MEM_TOKEN_SIZE } from '../abi/structs.js';
@@ -58,7 +58,7 @@ export interface ChannelLimits {
   maxWriteQueueBytes: number;
   /** The write queue may stay over writeHighWaterBytes this long (default: requestTimeoutMs). */
   writeStallMs: number;
-  /** Events handled per turn of the event loop before yielding to other connections (default 256). */
+  /** Events handled per turn of the event loop before yielding to other connections (default 64: a host's vCPUs each wait for their reply, so a real burst is about one per vCPU). */
   eventsPerTurn: number;
   /**
    * Requests awaiting replies (default 16384); more are refused with code
@@ -74,7 +74,7 @@ export const DEFAULT_LIMITS: Readonly<Omit<ChannelLimits, 'writeStallMs'>> = Obj
   maxReadBufferBytes: 1 << 20,
   writeHighWaterBytes: 256 << 10,
   maxWriteQueueBytes: 4 << 20,
-  eventsPerTurn: 256,
+  eventsPerTurn: 64,
   maxPending: 16384,
 });
 
@@ -274,8 +274,8 @@ export class Vm extends EventEmitter {
   /** HOLD_* bits: why reading is paused. */
   #holds = 0;
   #writeStallTimer: NodeJS.Timeout | null = null;
-  /** Event replies produced while parsing one read, written at once after it. */
-  #eventReplies: Buffer[] = [];
+  /** (seq, event) of the events answered while parsing one read; their replies go out in one write after it. */
+  #eventReplies: number[] = [];
 
   /** @internal Used by IntrospectionServer once the handshake is done; `leftover` = bytes read past it. */
   constructor(stream: Duplex, hello: Qemu2Introspector, options: VmOptions = {}, leftover: Buffer = EMPTY) {
@@ -573,7 +573,7 @@ export class Vm extends EventEmitter {
     this.#checkWriteQueue();
   }
 
-  /** Backpressure: over the high-water mark, stop reading until 'drain'; over the cap, close. */
+  /** Backpressure: over the high-water mark, stop reading until the peer has taken half of it; over the cap, close. */
   #checkWriteQueue(): void {
     const queued = this.#stream.writableLength;
     const L = this.#limits;
@@ -583,7 +583,6 @@ export class Vm extends EventEmitter {
     }
     if (queued <= L.writeHighWaterBytes || (this.#holds & HOLD_WRITE) !== 0 || this.#gone()) return;
     this.#hold(HOLD_WRITE);
-    this.#stream.once('drain', this.#onDrain);
     const ms = L.writeStallMs;
     this.#writeStallTimer = setTimeout(() => {
       this.#writeStallTimer = null;
@@ -594,11 +593,11 @@ export class Vm extends EventEmitter {
     debug('vm %s: %d bytes queued for writing: reading paused until the peer reads', this.#label(), queued);
   }
 
-  #onDrain = (): void => {
+  #writeDrained(): void {
     if (this.#writeStallTimer !== null) clearTimeout(this.#writeStallTimer);
     this.#writeStallTimer = null;
     this.#release(HOLD_WRITE);
-  };
+  }
 
   #hold(bit: number): void {
     if (this.#holds === 0) this.#stream.pause();
@@ -626,11 +625,25 @@ export class Vm extends EventEmitter {
     const r = this.#eventReplies;
     if (r.length === 0) return;
     this.#eventReplies = [];
-    this.#write(r.length === 1 ? r[0]! : Buffer.concat(r));
+    this.#write(this.#encodeEventReplies(r));
+  }
+
+  /** KVMI_EVENT_REPLY messages (ACTION_CONTINUE) for (seq, event) pairs, into one buffer. */
+  #encodeEventReplies(r: number[]): Buffer {
+    const one = MSG_HDR_SIZE + EVENT_REPLY_SIZE;
+    const out = Buffer.allocUnsafe((r.length / 2) * one);
+    for (let i = 0, off = 0; i < r.length; i += 2, off += one) {
+      encodeMsgHdr({ id: this.#ids.EVENT_REPLY, seq: r[i]!, size: EVENT_REPLY_SIZE }, out, off);
+      encodeEventReply({ action: KVMI_EVENT_ACTION_CONTINUE, event: r[i + 1]! }, out, off + MSG_HDR_SIZE);
+    }
+    return out;
   }
 
   #onWritten = (err?: Error | null): void => {
     if (err) this.#onError(err);
+    // Back under half the high-water mark: read again. (Not 'drain': a stream emits it only
+    // after a write() returned false, i.e. over its own writableHighWaterMark, which may be above ours.)
+    else if ((this.#holds & HOLD_WRITE) !== 0 && this.#stream.writableLength <= this.#limits.writeHighWaterBytes / 2) this.#writeDrained();
   };
 
   #armGroupTimer(at: number): void {
@@ -866,11 +879,14 @@ export class Vm extends EventEmitter {
       this.#replyEvent(seq, ev.event);
       if (this.autoCloseOnUnhook) this.#teardown('unhooked by the host');
     } else {
-      debug('vm %s: event %d (vcpu %d) answered with CONTINUE', this.#label(), ev.event, ev.vcpu);
-      try {
-        this.emit('event', { event: ev.event, vcpu: ev.vcpu, seq, body: Buffer.from(body) } satisfies VmEventInfo);
-      } catch (e) {
-        thrown = e;
+      if (debug.enabled) debug('vm %s: event %d (vcpu %d) answered with CONTINUE', this.#label(), ev.event, ev.vcpu);
+      // (The copy of the body only for someone listening: a flood of events costs no allocation per event here.)
+      if (this.listenerCount('event') > 0) {
+        try {
+          this.emit('event', { event: ev.event, vcpu: ev.vcpu, seq, body: Buffer.from(body) } satisfies VmEventInfo);
+        } catch (e) {
+          thrown = e;
+        }
       }
       this.#replyEvent(seq, ev.event);
     }
@@ -880,7 +896,7 @@ export class Vm extends EventEmitter {
 
   #replyEvent(seq: number, event: number): void {
     if (this.#state === 'gone') return;
-    this.#eventReplies.push(encodeMessage({ id: this.#ids.EVENT_REPLY, seq }, encodeEventReply({ action: KVMI_EVENT_ACTION_CONTINUE, event })));
+    this.#eventReplies.push(seq, event);
   }
 
   #onError(e: Error): void {
@@ -920,12 +936,11 @@ export class Vm extends EventEmitter {
     this.#stallTimer = null;
     if (this.#writeStallTimer !== null) clearTimeout(this.#writeStallTimer);
     this.#writeStallTimer = null;
-    this.#stream.off('drain', this.#onDrain);
     this.#acc = EMPTY;
     // A graceful close still sends what was answered (the UNHOOK event's reply).
     const replies = this.#eventReplies;
     this.#eventReplies = [];
-    if (error === undefined && replies.length > 0) this.#write(Buffer.concat(replies));
+    if (error === undefined && replies.length > 0) this.#write(this.#encodeEventReplies(replies));
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     this.#abandoned.clear();
