@@ -24,7 +24,7 @@ import { poller } from '../src/channel/rawfd.js';
 
 const IDS = KVMI_IDS.v6;
 const dir = mkdtempSync(join(tmpdir(), 'kvmmem-fuzz-'));
-const SERVER_OPTS = { handshakeTimeoutMs: 150, requestTimeoutMs: 300, frameTimeoutMs: 100 } as const;
+const SERVER_OPTS = { cookie: 'fuzz-cookie', handshakeTimeoutMs: 150, requestTimeoutMs: 300, frameTimeoutMs: 100 } as const;
 /** Upper bound for any run to be closed and reported (the timeouts above plus slack for a loaded 2-core box). */
 const BOUND_MS = 2000;
 

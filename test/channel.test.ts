@@ -19,7 +19,7 @@ import { SyscallError } from '../src/errors.js';
 import * as libc from '../src/sys/libc.js';
 import {
   IntrospectionServer, KvmiError, ProtocolError, RawSocketListener, TimeoutError, VmGoneError, startTimeToDate,
-  type RejectedInfo, type Vm, type VmGoneInfo,
+  type IntrospectionServerOptions, type RejectedInfo, type Vm, type VmGoneInfo,
 } from '../src/channel/index.js';
 import { poller } from '../src/channel/rawfd.js';
 
@@ -27,6 +27,8 @@ const dir = mkdtempSync(join(tmpdir(), 'kvmmem-channel-'));
 test.after.always(() => rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 const sockPath = () => join(dir, `s${++n}.sock`);
+/** The cookie every server and fake device manager here share unless a test says otherwise. */
+const COOKIE = 'channel-test-cookie';
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
@@ -97,7 +99,7 @@ class FakeHost extends EventEmitter {
         sock.off('data', onData);
         sock.off('close', onClose);
         const reply = decodeIntrospector2Qemu(buf.subarray(0, 24));
-        const want = cookieHash(opts.cookie ?? 'kvmmem');
+        const want = cookieHash(opts.cookie ?? COOKIE);
         if (Buffer.compare(Buffer.from(reply.cookieHash), Buffer.from(want)) !== 0 || reply.structSize !== 24) {
           sock.destroy(); // QEMU: wrong cookie -> hang up
           reject(new Error('cookie hash mismatch'));
@@ -180,8 +182,8 @@ class FakeHost extends EventEmitter {
   }
 }
 
-async function setup(t: { teardown(fn: () => unknown): void }, serverOpts: Parameters<typeof IntrospectionServer.listen>[1] = {}, fake: FakeOptions = {}) {
-  const server = await IntrospectionServer.listen({ unix: sockPath() }, { protocol: fake.protocol ?? 'v6', ...serverOpts });
+async function setup(t: { teardown(fn: () => unknown): void }, serverOpts: Partial<IntrospectionServerOptions> = {}, fake: FakeOptions = {}) {
+  const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE, protocol: fake.protocol ?? 'v6', ...serverOpts });
   t.teardown(() => server.close());
   const vmP = once(server, 'vm') as Promise<[Vm]>;
   const host = await FakeHost.connect((server.address as { unix: string }).unix, fake);
@@ -262,7 +264,7 @@ test('handshake: shorter struct_size (older peer) is zero-filled', async (t) => 
   t.is(vm.startTime, 1_700_000_000n);
   t.is(vm.handshakeStructSize, 32);
   // Even just the struct_size itself: nil uuid, no start time.
-  const server = await IntrospectionServer.listen({ unix: sockPath() });
+  const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE });
   t.teardown(() => server.close());
   const vmP = once(server, 'vm') as Promise<[Vm]>;
   await FakeHost.connect(server.address && 'unix' in server.address ? server.address.unix : '', { structSize: 4 });
@@ -277,7 +279,7 @@ for (const [title, bytes, reason] of [
   ['name not NUL-terminated', (() => { const b = FakeHost.hello(); b.fill(0x41, 32, 96); return b; })(), /NUL/],
 ] as const) {
   test(`malformed handshake (${title}) -> 'rejected' with a reason, connection closed`, async (t) => {
-    const server = await IntrospectionServer.listen({ unix: sockPath() });
+    const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE });
     t.teardown(() => server.close());
     const rej = rejectedOnce(server);
     const c = await rawClient(server.address && 'unix' in server.address ? server.address.unix : '', bytes);
@@ -293,7 +295,7 @@ for (const [title, bytes, reason] of [
 }
 
 test('truncated handshake then close -> rejected (truncated)', async (t) => {
-  const server = await IntrospectionServer.listen({ unix: sockPath() });
+  const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE });
   t.teardown(() => server.close());
   const rej = rejectedOnce(server);
   const c = await rawClient((server.address as { unix: string }).unix, FakeHost.hello().subarray(0, 50), { endAfter: true });
@@ -303,7 +305,7 @@ test('truncated handshake then close -> rejected (truncated)', async (t) => {
 });
 
 test('handshake that never completes times out', async (t) => {
-  const server = await IntrospectionServer.listen({ unix: sockPath() }, { handshakeTimeoutMs: 150 });
+  const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE, handshakeTimeoutMs: 150 });
   t.teardown(() => server.close());
   const rej = rejectedOnce(server);
   const c = await rawClient((server.address as { unix: string }).unix, FakeHost.hello().subarray(0, 10));
@@ -334,7 +336,7 @@ test('wrong cookie: the device manager hangs up -> rejected as such', async (t) 
 });
 
 test('GET_VERSION with version 0 or a bad reply size rejects the VM', async (t) => {
-  const server = await IntrospectionServer.listen({ unix: sockPath() });
+  const server = await IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE });
   t.teardown(() => server.close());
   let rej = rejectedOnce(server);
   const h0 = await FakeHost.connect((server.address as { unix: string }).unix, {
@@ -583,9 +585,9 @@ test('close(): unlinks the socket, VMs gone, waiters rejected; stale sockets rep
   libc.bind(fd, libc.sockaddrUn(path));
   libc.closeRaw(fd);
   t.true(lstatSync(path).isSocket());
-  const server = await IntrospectionServer.listen({ unix: path });
+  const server = await IntrospectionServer.listen({ unix: path }, { cookie: COOKIE });
   t.true(lstatSync(path).isSocket());
-  await t.throwsAsync(IntrospectionServer.listen({ unix: path }), { code: 'EADDRINUSE', message: /another process/ });
+  await t.throwsAsync(IntrospectionServer.listen({ unix: path }, { cookie: COOKIE }), { code: 'EADDRINUSE', message: /another process/ });
   const host = await FakeHost.connect(path);
   const vm = await server.waitForVm();
   const waiter = server.waitForVm({ name: 'never' });
@@ -597,15 +599,15 @@ test('close(): unlinks the socket, VMs gone, waiters rejected; stale sockets rep
   t.false(existsSync(path));
   // a regular file is never removed
   writeFileSync(path, 'x');
-  await t.throwsAsync(IntrospectionServer.listen({ unix: path }), { code: 'EADDRINUSE', message: /not a socket/ });
+  await t.throwsAsync(IntrospectionServer.listen({ unix: path }, { cookie: COOKIE }), { code: 'EADDRINUSE', message: /not a socket/ });
   t.true(existsSync(path));
   rmSync(path);
   await server.close(); // idempotent
 });
 
 test('bad options are usage errors', async (t) => {
-  await t.throwsAsync(IntrospectionServer.listen({ unix: sockPath() }, { protocol: 'v5' as 'v6' }), { code: 'ERR_INVALID_ARG' });
-  await t.throwsAsync(IntrospectionServer.listen({} as { unix: string }), { code: 'ERR_INVALID_ARG' });
+  await t.throwsAsync(IntrospectionServer.listen({ unix: sockPath() }, { cookie: COOKIE, protocol: 'v5' as 'v6' }), { code: 'ERR_INVALID_ARG' });
+  await t.throwsAsync(IntrospectionServer.listen({} as { unix: string }, { cookie: COOKIE }), { code: 'ERR_INVALID_ARG' });
 });
 
 test('startTimeToDate reads seconds, ms, µs and ns', (t) => {
@@ -655,7 +657,7 @@ test.serial('raw-fd transport: socket/bind/listen/accept4 through ffi-rs, bulk d
 test.serial('raw-fd transport carries the whole protocol (adopt)', async (t) => {
   const path = sockPath();
   const l = RawSocketListener.listenUnix(path);
-  const server = IntrospectionServer.create();
+  const server = IntrospectionServer.create({ cookie: COOKIE });
   t.teardown(async () => { l.close(); await server.close(); });
   l.on('connection', (d) => server.adopt(d, 'raw-unix'));
   const vmP = once(server, 'vm') as Promise<[Vm]>;
@@ -690,7 +692,7 @@ test.serial('raw-fd transport: the peer resetting mid-stream ends the Duplex, no
 test.serial('vsock: socket(AF_VSOCK) + bind + listen works or fails with a typed error', async (t) => {
   let server: IntrospectionServer | null = null;
   try {
-    server = await IntrospectionServer.listen({ vsock: libc.VMADDR_PORT_ANY });
+    server = await IntrospectionServer.listen({ vsock: libc.VMADDR_PORT_ANY }, { cookie: COOKIE });
   } catch (e) {
     t.true(e instanceof SyscallError, String(e));
     t.log(`vsock unavailable here: ${(e as Error).message}`);
@@ -701,7 +703,7 @@ test.serial('vsock: socket(AF_VSOCK) + bind + listen works or fails with a typed
   t.true(a.vsock > 0 && a.vsock < libc.VMADDR_PORT_ANY);
   t.log(`listening on vsock port ${a.vsock}; no vsock loopback transport on this kernel, so no end-to-end connection is attempted`);
   // The same port twice: EADDRINUSE as a SyscallError.
-  const e = await t.throwsAsync(IntrospectionServer.listen({ vsock: a.vsock }), { instanceOf: SyscallError });
+  const e = await t.throwsAsync(IntrospectionServer.listen({ vsock: a.vsock }, { cookie: COOKIE }), { instanceOf: SyscallError });
   t.is(e.code, 'EADDRINUSE');
   await server.close();
   await sleep(50);

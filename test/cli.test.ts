@@ -80,10 +80,10 @@ test('selftest --model passes every check; a path that is not kvmmem fails clear
   t.true(doc.ok);
   t.true(doc.results.length >= 9);
   t.true(doc.results.every((c: { status: string }) => c.status === 'pass'));
-  const n = kvmmem('selftest', '--device', '/dev/null', '--listen', `unix:${join(dir, 'st.sock')}`, '--wait', '1');
+  const n = kvmmem('selftest', '--device', '/dev/null', '--listen', `unix:${join(dir, 'st.sock')}`, '--wait', '1', '--cookie', 'cli-test');
   t.is(n.code, 1);
   t.regex(n.stderr, /\/dev\/null is not a kvmmem device/);
-  const m = kvmmem('selftest', '--device', '/dev/kvmmem-missing', '--listen', `unix:${join(dir, 'st.sock')}`);
+  const m = kvmmem('selftest', '--device', '/dev/kvmmem-missing', '--listen', `unix:${join(dir, 'st.sock')}`, '--cookie', 'cli-test');
   t.is(m.code, 1);
   t.regex(m.stderr, /use the built-in model/);
 });

@@ -5,6 +5,8 @@
  * - KvmiError     the host answered a command with err != 0 (code 'EAGAIN', ...)
  * - VmGoneError   'VM_GONE': the connection ended (unhook, close, protocol error)
  * - ProtocolError 'ERR_KVMI_PROTOCOL': framing/handshake violation (`reason`)
+ * - ChannelLimitError 'ERR_KVMI_LIMIT': a ProtocolError for a peer over a per-connection bound (`limit`)
+ * - PeerRefusedError 'EACCES' / 'EEXIST': the tool refused the peer (credentials, duplicate UUID)
  * - TimeoutError  'ETIMEDOUT'
  *
  * Messages never contain token bytes.
@@ -61,12 +63,55 @@ export class VmGoneError extends KvmmemError {
 export class ProtocolError extends KvmmemError {
   readonly reason: string;
 
-  constructor(reason: string, opts: { cause?: unknown; hint?: string } = {}) {
+  constructor(reason: string, opts: { cause?: unknown; hint?: string; code?: string } = {}) {
     super(`KVMI protocol violation: ${reason}`, {
-      code: 'ERR_KVMI_PROTOCOL',
+      code: opts.code ?? 'ERR_KVMI_PROTOCOL',
       ...(opts.hint === undefined ? {} : { hint: opts.hint }),
       ...(opts.cause === undefined ? {} : { cause: opts.cause }),
     });
+    this.reason = reason;
+  }
+}
+
+/**
+ * The per-connection bounds (see ChannelLimits in vm.ts). Going over any of
+ * them closes that connection, and only that one.
+ */
+export type ChannelLimitName = 'message' | 'readBuffer' | 'writeQueue' | 'writeStall';
+
+const LIMIT_HINTS: Readonly<Record<ChannelLimitName, string>> = {
+  message: 'the peer sent a message larger than KVMI allows (limits.maxMessageBytes)',
+  readBuffer: 'the peer sent more than limits.maxReadBufferBytes that could not be processed yet',
+  writeQueue: 'more than limits.maxWriteQueueBytes of replies and requests are waiting for the peer to read them',
+  writeStall: 'the peer did not read the replies queued for it (over limits.writeHighWaterBytes) for limits.writeStallMs',
+};
+
+/** A peer went over a per-connection bound; that connection was closed (code 'ERR_KVMI_LIMIT'). */
+export class ChannelLimitError extends ProtocolError {
+  /** Which bound. */
+  readonly limit: ChannelLimitName;
+  /** What was reached and the bound (bytes; ms for 'writeStall'). */
+  readonly value: number;
+  readonly max: number;
+
+  constructor(limit: ChannelLimitName, value: number, max: number, what: string) {
+    super(`${limit} limit exceeded: ${what}`, { code: 'ERR_KVMI_LIMIT', hint: LIMIT_HINTS[limit] });
+    this.limit = limit;
+    this.value = value;
+    this.max = max;
+  }
+}
+
+/**
+ * The tool refused a peer before answering its handshake: 'EACCES' for unix
+ * peer credentials outside allowUids, 'EEXIST' for a VM whose UUID is
+ * already connected.
+ */
+export class PeerRefusedError extends KvmmemError {
+  readonly reason: string;
+
+  constructor(reason: string, code: 'EACCES' | 'EEXIST', hint: string) {
+    super(`connection refused: ${reason}`, { code, errno: -ERRNO[code]!, hint });
     this.reason = reason;
   }
 }

@@ -13,9 +13,16 @@
  *
  * vsock: Node cannot drive AF_VSOCK fds, so that transport runs on raw fds
  * (./rawfd.ts); the connection logic takes any Duplex (see adopt()).
+ *
+ * Who may connect (unix): the socket file gets `mode` (0600) right after
+ * bind, whatever the umask; every accepted peer's SO_PEERCRED uid must be in
+ * `allowUids` (root and our euid), else it is closed before the handshake;
+ * a VM whose UUID is already connected is refused before the cookie hash is
+ * sent. The cookie is required: the handshake answer proves only knowledge of
+ * SHA-1(cookie), so it must not be a value every install shares.
  */
 import { EventEmitter } from 'node:events';
-import { lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
@@ -24,9 +31,10 @@ import {
 } from '../abi/kvmi.js';
 import { cookieHash } from '../abi/cookie.js';
 import { KvmmemError, UsageError } from '../errors.js';
-import { ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
+import { peerCred } from '../sys/peercred.js';
+import { PeerRefusedError, ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
 import { RawSocketListener } from './rawfd.js';
-import { Vm } from './vm.js';
+import { formatUuid, resolveLimits, Vm, type ChannelLimits } from './vm.js';
 
 const debug = debuglog('kvmmem');
 
@@ -34,8 +42,14 @@ export type ListenAddress = { unix: string } | { vsock: number; cid?: number };
 export type BoundAddress = { unix: string } | { vsock: number; cid: number };
 
 export interface IntrospectionServerOptions {
-  /** Shared secret; its SHA-1 goes into the handshake reply (default 'kvmmem'). */
-  cookie?: string | Uint8Array;
+  /** Shared secret (required, non-empty); its SHA-1 goes into the handshake reply. */
+  cookie: string | Uint8Array;
+  /** Mode of the unix socket file, set right after bind whatever the umask (default 0o600). */
+  mode?: number;
+  /** uids (SO_PEERCRED) allowed to connect over unix (default [0, process.geteuid()]). */
+  allowUids?: readonly number[];
+  /** Per-connection bounds (see ChannelLimits). */
+  limits?: Partial<ChannelLimits>;
   /** Message ids to speak (default 'v6'). */
   protocol?: KvmiProtocol;
   /** Time for the device manager to send its handshake struct (default 5000 ms). */
@@ -71,7 +85,10 @@ export declare interface IntrospectionServer {
   once(event: 'error', listener: (err: Error) => void): this;
 }
 
-type Resolved = Required<Omit<IntrospectionServerOptions, 'cookie'>>;
+type Resolved = Required<Omit<IntrospectionServerOptions, 'cookie' | 'limits' | 'allowUids'>> & {
+  limits: Readonly<ChannelLimits>;
+  allowUids: readonly number[];
+};
 
 export class IntrospectionServer extends EventEmitter {
   readonly options: Readonly<Resolved>;
@@ -82,14 +99,29 @@ export class IntrospectionServer extends EventEmitter {
   #unixIno: number | null = null;
   #closed = false;
   #handshaking = new Set<Duplex>();
+  /** UUIDs of VMs past the handshake (initializing or announced) whose connection is open. */
+  #uuids = new Set<string>();
   #initializing = new Set<Vm>();
   #vms = new Set<Vm>();
   #waiters = new Set<(vm: Vm | Error) => boolean>();
 
   private constructor(options: IntrospectionServerOptions) {
     super();
-    const cookie = options.cookie ?? 'kvmmem';
+    if (options === null || typeof options !== 'object') throw new UsageError('IntrospectionServer options are required: { cookie, ... }');
+    const cookie = options.cookie as unknown;
+    if (cookie === undefined || cookie === null) {
+      throw new UsageError('a cookie is required: pass { cookie } (the secret the device manager was configured with)',
+        'there is no default: a shared default would let anyone who knows it pass the handshake');
+    }
     if (typeof cookie !== 'string' && !(cookie instanceof Uint8Array)) throw new UsageError('cookie must be a string or a Uint8Array');
+    if (cookie.length === 0) throw new UsageError('cookie must not be empty');
+    const mode = options.mode ?? 0o600;
+    if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new UsageError(`mode must be a file mode in 0..0o777, got ${String(mode)}`);
+    const euid = process.geteuid?.() ?? 0;
+    const allowUids = options.allowUids ?? [...new Set([0, euid])];
+    if (!Array.isArray(allowUids) || allowUids.some((u) => !Number.isInteger(u) || u < 0 || u > 0xffffffff)) {
+      throw new UsageError('allowUids must be an array of uids (non-negative integers)');
+    }
     const protocol = options.protocol ?? 'v6';
     if (protocol !== 'v4' && protocol !== 'v6') throw new UsageError(`protocol must be 'v4' or 'v6', got ${JSON.stringify(protocol)}`);
     const requestTimeoutMs = checkMs('requestTimeoutMs', options.requestTimeoutMs ?? 10_000);
@@ -100,12 +132,15 @@ export class IntrospectionServer extends EventEmitter {
       frameTimeoutMs: checkMs('frameTimeoutMs', options.frameTimeoutMs ?? requestTimeoutMs),
       enableUnhookEvent: options.enableUnhookEvent ?? true,
       autoCloseOnUnhook: options.autoCloseOnUnhook ?? true,
+      mode,
+      allowUids: Object.freeze([...allowUids]),
+      limits: resolveLimits(options.limits, requestTimeoutMs),
     });
     this.#hash = cookieHash(cookie);
   }
 
   /** Listens on a unix socket path or a vsock port (cid default VMADDR_CID_ANY; port 0xffffffff = any). */
-  static async listen(address: ListenAddress, options: IntrospectionServerOptions = {}): Promise<IntrospectionServer> {
+  static async listen(address: ListenAddress, options: IntrospectionServerOptions): Promise<IntrospectionServer> {
     const server = new IntrospectionServer(options);
     if (address !== null && typeof address === 'object' && 'unix' in address && typeof address.unix === 'string') {
       await server.#listenUnix(address.unix);
@@ -118,7 +153,7 @@ export class IntrospectionServer extends EventEmitter {
   }
 
   /** A server without a listener: feed it connected streams with adopt() (custom transports, socat bridges, tests). */
-  static create(options: IntrospectionServerOptions = {}): IntrospectionServer {
+  static create(options: IntrospectionServerOptions): IntrospectionServer {
     return new IntrospectionServer(options);
   }
 
@@ -176,7 +211,9 @@ export class IntrospectionServer extends EventEmitter {
 
   /**
    * Runs the tool side of the protocol on an already connected stream: the
-   * handshake, then a Vm. `transport` only labels messages.
+   * handshake, then a Vm. `transport` only labels messages. Peer credentials
+   * are checked only on this server's own unix listener: a caller adopting
+   * a stream has decided who is on its other end.
    */
   adopt(stream: Duplex, transport = 'stream'): void {
     stream.on('error', (e: Error) => debug('%s connection: socket error %s', transport, e.message)); // never unhandled
@@ -221,13 +258,29 @@ export class IntrospectionServer extends EventEmitter {
         srv.off('error', onError);
         resolve();
       });
+      // Node binds inside listen(), synchronously (`listening` is true on return
+      // only if bind + listen succeeded; a failure is emitted as 'error' later):
+      // set the mode now, before the event loop accepts anyone. Not atomic with
+      // bind: a peer that connect()s in those microseconds passed the umask's
+      // mode, and still meets the SO_PEERCRED check when accepted.
+      if (srv.listening) {
+        try {
+          chmodSync(path, this.options.mode);
+        } catch (e) {
+          srv.off('error', onError);
+          srv.close();
+          onError(e as NodeJS.ErrnoException);
+        }
+      }
     });
     this.#net = srv;
     try {
       this.#unixIno = lstatSync(path).ino;
     } catch { /* removed behind our back */ }
     this.#address = { unix: path };
-    srv.on('connection', (s: net.Socket) => this.adopt(s, 'unix'));
+    srv.on('connection', (s: net.Socket) => {
+      if (this.#peerAllowed(s)) this.adopt(s, 'unix');
+    });
     srv.on('error', (e: Error) => this.#emitError(e));
     debug('introspection server listening on unix:%s', path);
   }
@@ -240,6 +293,27 @@ export class IntrospectionServer extends EventEmitter {
     l.on('connection', (s: Duplex) => this.adopt(s, 'vsock'));
     l.on('error', (e: Error) => this.#emitError(e));
     debug('introspection server listening on vsock:%d (cid %d)', a.port, a.cid);
+  }
+
+  /** SO_PEERCRED against allowUids; a refused peer is closed at once (it never sees the cookie hash). */
+  #peerAllowed(s: net.Socket): boolean {
+    const fd = (s as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    let reason: string;
+    try {
+      if (typeof fd !== 'number' || fd < 0) throw new Error('no file descriptor');
+      const cred = peerCred(fd);
+      if (this.options.allowUids.includes(cred.uid)) return true;
+      reason = `unix peer uid ${cred.uid} (pid ${cred.pid}) is not allowed to connect (allowUids: ${this.options.allowUids.join(', ')})`;
+    } catch (e) {
+      reason = `unix peer credentials unavailable (${(e as Error).message})`;
+    }
+    s.on('error', () => {});
+    s.destroy();
+    this.#rejected({
+      reason, transport: 'unix',
+      error: new PeerRefusedError(reason, 'EACCES', 'add the uid to the server\'s allowUids if it is a device manager you trust'),
+    });
+    return false;
   }
 
   #unlinkOwnSocket(): void {
@@ -293,6 +367,17 @@ export class IntrospectionServer extends EventEmitter {
       }
       cleanup();
       if (hello.padding !== 0) debug('%s handshake: non-zero padding 0x%s ignored', transport, hello.padding.toString(16));
+      const uuid = formatUuid(hello.uuid);
+      if (this.#uuids.has(uuid)) {
+        stream.destroy();
+        const reason = `a VM with UUID ${uuid} is already connected`;
+        this.#rejected({
+          reason, transport, uuid, name: hello.name,
+          error: new PeerRefusedError(reason, 'EEXIST', 'one connection per VM: the device manager must close the old one (or unhook) first'),
+        });
+        return;
+      }
+      this.#uuids.add(uuid);
       stream.write(encodeIntrospector2Qemu({ cookieHash: this.#hash }));
       void this.#initVm(stream, hello, transport, buf.subarray(r.consumed));
     };
@@ -316,8 +401,11 @@ export class IntrospectionServer extends EventEmitter {
     const o = this.options;
     const vm = new Vm(stream, hello, {
       protocol: o.protocol, requestTimeoutMs: o.requestTimeoutMs, frameTimeoutMs: o.frameTimeoutMs,
-      autoCloseOnUnhook: o.autoCloseOnUnhook, transport,
+      autoCloseOnUnhook: o.autoCloseOnUnhook, transport, limits: o.limits,
     }, leftover);
+    // The UUID is free again once this connection is gone, whatever ends it.
+    if (vm.state === 'gone') this.#uuids.delete(vm.uuid);
+    else vm.once('gone', () => this.#uuids.delete(vm.uuid));
     this.#initializing.add(vm);
     try {
       if (vm.state !== 'connected') throw new VmGoneError(vm.goneInfo?.reason ?? 'closed');

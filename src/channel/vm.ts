@@ -10,20 +10,29 @@
  * violation as soon as its 8-byte header arrives (no waiting for a body that
  * may never come). Any violation closes the connection and is reported through
  * 'gone' ({ reason, error: ProtocolError }); 'error' is never emitted.
+ *
+ * Bounds (ChannelLimits): whatever the peer sends, this connection holds at
+ * most maxReadBufferBytes of unprocessed input and maxWriteQueueBytes of
+ * output. Event replies of one read are written at once; while more than
+ * writeHighWaterBytes wait to be written, the connection stops reading (the
+ * peer's sends block in its kernel) and resumes once half of that is written; a peer that leaves
+ * them unread for writeStallMs is closed. At most eventsPerTurn events are
+ * handled per turn of the event loop, so one busy peer cannot starve the
+ * others. Going over a bound closes the connection with a ChannelLimitError.
  */
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
 import {
-  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMessage,
-  kvmiMessageName, ERROR_CODE_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
+  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMsgHdr,
+  kvmiMessageName, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
   KVMI_IDS, MSG_HDR_SIZE, MSG_MAX_BODY_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
 } from '../abi/kvmi.js';
 import { MEM_TOKEN_SIZE } from '../abi/structs.js';
 import { ERRNO } from '../abi/errno.js';
-import { UsageError } from '../errors.js';
-import { KvmiError, ProtocolError, TimeoutError, VmGoneError } from './errors.js';
+import { KvmmemError, UsageError } from '../errors.js';
+import { ChannelLimitError, KvmiError, ProtocolError, TimeoutError, VmGoneError, type ChannelLimitName } from './errors.js';
 
 const debug = debuglog('kvmmem');
 
@@ -33,6 +42,62 @@ export const MAX_EVENT_BODY = 4096;
 export const MAX_PIPELINE = 4096;
 /** Timed-out requests whose late replies are still tolerated; beyond this the host is deemed stuck. */
 const MAX_ABANDONED = 256;
+/**
+ * Per-connection bounds. The defaults hold for a real host: its messages are
+ * at most two pages (v6 KVMI_MSG_SIZE), it sends few events (a vCPU waits for
+ * each reply) and it reads what the tool writes.
+ */
+export interface ChannelLimits {
+  /** Largest message (header + body) accepted from the peer (default 8192, v6 KVMI_MSG_SIZE). */
+  maxMessageBytes: number;
+  /** Received bytes not processed yet (default 1 MiB). */
+  maxReadBufferBytes: number;
+  /** Stop reading from the peer while more than this waits to be written to it (default 256 KiB). */
+  writeHighWaterBytes: number;
+  /** Bytes waiting to be written to the peer (default 4 MiB). */
+  maxWriteQueueBytes: number;
+  /** The write queue may stay over writeHighWaterBytes this long (default: requestTimeoutMs). */
+  writeStallMs: number;
+  /** Events handled per turn of the event loop before yielding to other connections (default 64: a host's vCPUs each wait for their reply, so a real burst is about one per vCPU). */
+  eventsPerTurn: number;
+  /**
+   * Requests awaiting replies (default 16384); more are refused with code
+   * 'EAGAIN' and the connection stays open. At 8 bytes per token request this
+   * keeps our own requests below writeHighWaterBytes, so pausing the reads
+   * (which only event replies can force) never waits on replies we stopped reading.
+   */
+  maxPending: number;
+}
+
+export const DEFAULT_LIMITS: Readonly<Omit<ChannelLimits, 'writeStallMs'>> = Object.freeze({
+  maxMessageBytes: 8192,
+  maxReadBufferBytes: 1 << 20,
+  writeHighWaterBytes: 256 << 10,
+  maxWriteQueueBytes: 4 << 20,
+  eventsPerTurn: 64,
+  maxPending: 16384,
+});
+
+/** Fills in and checks limits (UsageError for a bad value). */
+export function resolveLimits(given: Partial<ChannelLimits> | undefined, requestTimeoutMs: number): Readonly<ChannelLimits> {
+  if (given !== undefined && (given === null || typeof given !== 'object')) throw new UsageError('limits must be an object');
+  const l: ChannelLimits = { ...DEFAULT_LIMITS, writeStallMs: requestTimeoutMs, ...given };
+  for (const [k, v] of Object.entries(l)) {
+    if (!(k in DEFAULT_LIMITS) && k !== 'writeStallMs') throw new UsageError(`unknown limit ${JSON.stringify(k)}`);
+    if (typeof v !== 'number' || !(v > 0) || (k !== 'writeStallMs' && !Number.isSafeInteger(v))) {
+      throw new UsageError(`limits.${k} must be a positive ${k === 'writeStallMs' ? 'number of milliseconds' : 'integer'}, got ${String(v)}`);
+    }
+  }
+  if (l.maxMessageBytes < 64 || l.maxMessageBytes > MSG_HDR_SIZE + MSG_MAX_BODY_SIZE) {
+    throw new UsageError(`limits.maxMessageBytes must be in 64..${MSG_HDR_SIZE + MSG_MAX_BODY_SIZE}, got ${l.maxMessageBytes}`);
+  }
+  if (l.writeHighWaterBytes > l.maxWriteQueueBytes) throw new UsageError('limits.writeHighWaterBytes must not exceed limits.maxWriteQueueBytes');
+  return Object.freeze(l);
+}
+
+/** Why reading from the peer is paused (bits; reading resumes when none is left). */
+const HOLD_YIELD = 1, HOLD_WRITE = 2;
+
 /** Host-side cap on unconsumed tokens (v6 KVMI_MEM_MAX_TOKENS; v4 has none). */
 export const HOST_TOKEN_LIMIT: Readonly<Record<KvmiProtocol, number>> = Object.freeze({ v4: Infinity, v6: 8 });
 
@@ -69,6 +134,8 @@ export interface VmOptions {
   autoCloseOnUnhook?: boolean;
   /** 'unix', 'vsock' or 'stream'; for messages only. */
   transport?: string;
+  /** Per-connection bounds (defaults: DEFAULT_LIMITS; writeStallMs = requestTimeoutMs). */
+  limits?: Partial<ChannelLimits>;
 }
 
 export interface RequestOptions {
@@ -201,6 +268,14 @@ export class Vm extends EventEmitter {
   #maxInFlight = 0;
   #received = 0;
   #labelText: string | undefined;
+  readonly #limits: Readonly<ChannelLimits>;
+  /** Largest body accepted (maxMessageBytes - header). */
+  readonly #maxBody: number;
+  /** HOLD_* bits: why reading is paused. */
+  #holds = 0;
+  #writeStallTimer: NodeJS.Timeout | null = null;
+  /** (seq, event) of the events answered while parsing one read; their replies go out in one write after it. */
+  #eventReplies: number[] = [];
 
   /** @internal Used by IntrospectionServer once the handshake is done; `leftover` = bytes read past it. */
   constructor(stream: Duplex, hello: Qemu2Introspector, options: VmOptions = {}, leftover: Buffer = EMPTY) {
@@ -217,6 +292,8 @@ export class Vm extends EventEmitter {
     this.autoCloseOnUnhook = options.autoCloseOnUnhook ?? true;
     this.#requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
     this.#frameTimeoutMs = options.frameTimeoutMs ?? this.#requestTimeoutMs;
+    this.#limits = resolveLimits(options.limits, this.#requestTimeoutMs);
+    this.#maxBody = this.#limits.maxMessageBytes - MSG_HDR_SIZE;
     this.#stream = stream;
     stream.on('data', (chunk: Buffer) => this.#onData(chunk));
     stream.on('end', () => this.#onEnd());
@@ -298,6 +375,8 @@ export class Vm extends EventEmitter {
       const reason = this.#goneInfo?.reason ?? 'unhooking';
       return bodies.map(() => Promise.reject(new VmGoneError(reason, { vm: this.#label(), syscall: name })));
     }
+    const busy = this.#overPending(bodies.length, name);
+    if (busy !== null) return bodies.map(() => Promise.reject(busy));
     const promises = new Array<Promise<Buffer>>(bodies.length);
     this.#send(id, name, bodies, options, (k, p) => {
       promises[k] = new Promise<Buffer>((resolve, reject) => {
@@ -349,6 +428,21 @@ export class Vm extends EventEmitter {
     this.#write(frames);
   }
 
+  /** A transient 'EAGAIN' when n more requests would pass limits.maxPending; null when they fit. */
+  #overPending(n: number, name: string): KvmmemError | null {
+    const max = this.#limits.maxPending;
+    if (this.#pending.size + n <= max) return null;
+    return new KvmmemError(`${name}: ${this.#pending.size} requests already await replies from VM ${this.#label()} (limit ${max})`, {
+      code: 'EAGAIN', errno: -ERRNO.EAGAIN!, syscall: name,
+      hint: 'wait for pending requests to settle before sending more (limits.maxPending)',
+    });
+  }
+
+  /** Read-side stats: bytes received and not processed yet, and bytes waiting to be written to the peer. */
+  get buffered(): { read: number; write: number } {
+    return { read: this.#acc.length, write: this.#stream.writableLength ?? 0 };
+  }
+
   /** One KVMI_GET_MAP_TOKEN round trip: a fresh single-use 32-byte token. */
   async getMapToken(): Promise<Uint8Array> {
     return (await this.getMapTokens(1))[0]!;
@@ -381,6 +475,8 @@ export class Vm extends EventEmitter {
       for (let k = 0; k < n; k++) out[k] = new VmGoneError(reason, { vm: this.#label(), syscall: name });
       return Promise.resolve(out);
     }
+    const busy = this.#overPending(n, name);
+    if (busy !== null) return Promise.resolve(out.fill(busy));
     const promise = new Promise<(Uint8Array | Error)[]>(captureResolve);
     const batch: TokenBatch = { out, left: n, resolve: captured! };
     captured = null;
@@ -474,10 +570,80 @@ export class Vm extends EventEmitter {
   #write(frame: Buffer): void {
     if (this.#stream.destroyed || this.#stream.writableEnded) return;
     this.#stream.write(frame, this.#onWritten);
+    this.#checkWriteQueue();
+  }
+
+  /** Backpressure: over the high-water mark, stop reading until the peer has taken half of it; over the cap, close. */
+  #checkWriteQueue(): void {
+    const queued = this.#stream.writableLength;
+    const L = this.#limits;
+    if (queued > L.maxWriteQueueBytes) {
+      this.#limitExceeded('writeQueue', queued, L.maxWriteQueueBytes, `${queued} bytes wait to be written to the peer (limit ${L.maxWriteQueueBytes})`);
+      return;
+    }
+    if (queued <= L.writeHighWaterBytes || (this.#holds & HOLD_WRITE) !== 0 || this.#gone()) return;
+    this.#hold(HOLD_WRITE);
+    const ms = L.writeStallMs;
+    this.#writeStallTimer = setTimeout(() => {
+      this.#writeStallTimer = null;
+      const left = this.#stream.writableLength;
+      this.#limitExceeded('writeStall', ms, ms, `the peer left ${left} bytes of replies unread for ${ms} ms (high-water mark ${L.writeHighWaterBytes})`);
+    }, ms);
+    this.#writeStallTimer.unref();
+    debug('vm %s: %d bytes queued for writing: reading paused until the peer reads', this.#label(), queued);
+  }
+
+  #writeDrained(): void {
+    if (this.#writeStallTimer !== null) clearTimeout(this.#writeStallTimer);
+    this.#writeStallTimer = null;
+    this.#release(HOLD_WRITE);
+  }
+
+  #hold(bit: number): void {
+    if (this.#holds === 0) this.#stream.pause();
+    this.#holds |= bit;
+    this.#armStall(); // (clears it)
+  }
+
+  #release(bit: number): void {
+    if ((this.#holds & bit) === 0) return;
+    this.#holds &= ~bit;
+    if (this.#holds !== 0 || this.#gone()) return;
+    this.#stream.resume();
+    this.#armStall();
+  }
+
+  #limitExceeded(limit: ChannelLimitName, value: number, max: number, what: string): void {
+    if (this.#gone()) return;
+    const err = new ChannelLimitError(limit, value, max, what);
+    debug('vm %s: %s: closing', this.#label(), err.reason);
+    this.#teardown(err.reason, err);
+  }
+
+  /** Writes the event replies of this read in one write. */
+  #flushEventReplies(): void {
+    const r = this.#eventReplies;
+    if (r.length === 0) return;
+    this.#eventReplies = [];
+    this.#write(this.#encodeEventReplies(r));
+  }
+
+  /** KVMI_EVENT_REPLY messages (ACTION_CONTINUE) for (seq, event) pairs, into one buffer. */
+  #encodeEventReplies(r: number[]): Buffer {
+    const one = MSG_HDR_SIZE + EVENT_REPLY_SIZE;
+    const out = Buffer.allocUnsafe((r.length / 2) * one);
+    for (let i = 0, off = 0; i < r.length; i += 2, off += one) {
+      encodeMsgHdr({ id: this.#ids.EVENT_REPLY, seq: r[i]!, size: EVENT_REPLY_SIZE }, out, off);
+      encodeEventReply({ action: KVMI_EVENT_ACTION_CONTINUE, event: r[i + 1]! }, out, off + MSG_HDR_SIZE);
+    }
+    return out;
   }
 
   #onWritten = (err?: Error | null): void => {
     if (err) this.#onError(err);
+    // Back under half the high-water mark: read again. (Not 'drain': a stream emits it only
+    // after a write() returned false, i.e. over its own writableHighWaterMark, which may be above ours.)
+    else if ((this.#holds & HOLD_WRITE) !== 0 && this.#stream.writableLength <= this.#limits.writeHighWaterBytes / 2) this.#writeDrained();
   };
 
   #armGroupTimer(at: number): void {
@@ -532,13 +698,41 @@ export class Vm extends EventEmitter {
   #onData(chunk: Buffer): void {
     if (this.#state === 'gone') return;
     this.#acc = this.#acc.length === 0 ? chunk : Buffer.concat([this.#acc, chunk]);
+    // While yielding, the scheduled turn parses what arrived (a stream that ignores pause() may still push).
+    if ((this.#holds & HOLD_YIELD) === 0) this.#process();
+    this.#checkReadBuffer();
+  }
+
+  #checkReadBuffer(): void {
+    const max = this.#limits.maxReadBufferBytes;
+    if (this.#acc.length > max) this.#limitExceeded('readBuffer', this.#acc.length, max, `${this.#acc.length} bytes received and not processed yet (limit ${max})`);
+  }
+
+  /** The next turn after yielding: parse on, then read again. */
+  #resume = (): void => {
+    if (this.#gone()) return;
+    this.#holds &= ~HOLD_YIELD; // (without reading yet: #process may yield again)
+    this.#process();
+    if (!this.#gone() && this.#holds === 0) this.#stream.resume();
+  };
+
+  #process(): void {
     this.#parse();
     if (this.#gone()) return;
+    this.#flushEventReplies();
+    if (!this.#gone()) this.#armStall();
+  }
+
+  /**
+   * A partial frame with nothing more for frameTimeoutMs is a violation, but
+   * only while we read: bytes we hold back (yield, backpressure) are not the peer's stall.
+   */
+  #armStall(): void {
     if (this.#stallTimer !== null) {
       clearTimeout(this.#stallTimer);
       this.#stallTimer = null;
     }
-    if (this.#acc.length > 0 && this.#frameTimeoutMs > 0 && Number.isFinite(this.#frameTimeoutMs)) {
+    if (this.#holds === 0 && this.#acc.length > 0 && this.#frameTimeoutMs > 0 && Number.isFinite(this.#frameTimeoutMs)) {
       this.#stallTimer = setTimeout(() => {
         this.#stallTimer = null;
         this.#violation(`incomplete message: ${this.#acc.length} bytes of a frame and nothing more for ${this.#frameTimeoutMs} ms`);
@@ -553,6 +747,7 @@ export class Vm extends EventEmitter {
     let acc = this.#acc;
     let off = 0;
     const evId = this.#ids.EVENT;
+    let events = 0;
     while (this.#state !== 'gone' && acc.length - off >= MSG_HDR_SIZE) {
       // kvmi_msg_hdr { u16 id; u16 size; u32 seq }
       const id = acc[off]! | (acc[off + 1]! << 8);
@@ -560,12 +755,17 @@ export class Vm extends EventEmitter {
       const seq = (acc[off + 4]! | (acc[off + 5]! << 8) | (acc[off + 6]! << 16) | (acc[off + 7]! << 24)) >>> 0;
       const p = id === evId ? undefined : this.#pending.get(seq);
       // The common case, checked without building any string.
-      if (!(p !== undefined && p.id === id && size >= ERROR_CODE_SIZE
+      if (!(p !== undefined && p.id === id && size >= ERROR_CODE_SIZE && size <= this.#maxBody
         && (p.expect === undefined || size === ERROR_CODE_SIZE || size === ERROR_CODE_SIZE + p.expect))) {
         const problem = this.#headerProblem({ id, size, seq });
         if (problem !== null) {
           this.#acc = acc.subarray(off);
           this.#violation(problem);
+          return;
+        }
+        if (size > this.#maxBody) {
+          const max = this.#limits.maxMessageBytes;
+          this.#limitExceeded('message', MSG_HDR_SIZE + size, max, `message id ${id} (seq 0x${seq.toString(16)}) announces ${MSG_HDR_SIZE + size} bytes (limit ${max})`);
           return;
         }
       }
@@ -579,6 +779,12 @@ export class Vm extends EventEmitter {
         this.#onEvent(seq, body);
         if (this.#gone()) return;
         acc = this.#acc;
+        if (++events >= this.#limits.eventsPerTurn && acc.length >= MSG_HDR_SIZE) {
+          // Fairness: the rest waits for the next turn, and the peer for us to read again.
+          this.#hold(HOLD_YIELD);
+          setImmediate(this.#resume);
+          return;
+        }
       } else {
         this.#onReply(seq, p, acc, off + MSG_HDR_SIZE, size);
         off = end;
@@ -673,11 +879,14 @@ export class Vm extends EventEmitter {
       this.#replyEvent(seq, ev.event);
       if (this.autoCloseOnUnhook) this.#teardown('unhooked by the host');
     } else {
-      debug('vm %s: event %d (vcpu %d) answered with CONTINUE', this.#label(), ev.event, ev.vcpu);
-      try {
-        this.emit('event', { event: ev.event, vcpu: ev.vcpu, seq, body: Buffer.from(body) } satisfies VmEventInfo);
-      } catch (e) {
-        thrown = e;
+      if (debug.enabled) debug('vm %s: event %d (vcpu %d) answered with CONTINUE', this.#label(), ev.event, ev.vcpu);
+      // (The copy of the body only for someone listening: a flood of events costs no allocation per event here.)
+      if (this.listenerCount('event') > 0) {
+        try {
+          this.emit('event', { event: ev.event, vcpu: ev.vcpu, seq, body: Buffer.from(body) } satisfies VmEventInfo);
+        } catch (e) {
+          thrown = e;
+        }
       }
       this.#replyEvent(seq, ev.event);
     }
@@ -687,7 +896,7 @@ export class Vm extends EventEmitter {
 
   #replyEvent(seq: number, event: number): void {
     if (this.#state === 'gone') return;
-    this.#write(encodeMessage({ id: this.#ids.EVENT_REPLY, seq }, encodeEventReply({ action: KVMI_EVENT_ACTION_CONTINUE, event })));
+    this.#eventReplies.push(seq, event);
   }
 
   #onError(e: Error): void {
@@ -725,7 +934,13 @@ export class Vm extends EventEmitter {
     this.#goneInfo = error === undefined ? { reason } : { reason, error };
     if (this.#stallTimer !== null) clearTimeout(this.#stallTimer);
     this.#stallTimer = null;
+    if (this.#writeStallTimer !== null) clearTimeout(this.#writeStallTimer);
+    this.#writeStallTimer = null;
     this.#acc = EMPTY;
+    // A graceful close still sends what was answered (the UNHOOK event's reply).
+    const replies = this.#eventReplies;
+    this.#eventReplies = [];
+    if (error === undefined && replies.length > 0) this.#write(this.#encodeEventReplies(replies));
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     this.#abandoned.clear();

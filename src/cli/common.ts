@@ -3,7 +3,7 @@
  * in text or JSON, progress bars, and opening a RAM file through the full model
  * stack (server, device manager, tokens, driver, page remaps).
  */
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { InvalidArgumentError } from 'commander';
 import { SingleBar, Presets } from 'cli-progress';
 import { ModelLab } from '../lab/model-lab.js';
@@ -117,6 +117,37 @@ export async function withRam<T>(path: string, body: (ram: RamTarget) => Promise
   } finally {
     await ram.close();
   }
+}
+
+/**
+ * The KVMI cookie from `--cookie TEXT`, `--cookie-file PATH` (one trailing
+ * newline dropped) or the KVMMEM_COOKIE environment variable, in that order;
+ * exactly one source, non-empty. There is no default. A command line is
+ * readable by every local user (/proc/PID/cmdline); a file or the environment
+ * (/proc/PID/environ: same user or root only) is not.
+ */
+export function resolveCookie(o: { cookie?: string; cookieFile?: string }, env: NodeJS.ProcessEnv = process.env): string {
+  if (o.cookie !== undefined && o.cookieFile !== undefined) throw new CliUsageError('give --cookie or --cookie-file, not both');
+  let cookie: string;
+  let from: string;
+  if (o.cookie !== undefined) {
+    cookie = o.cookie;
+    from = '--cookie';
+  } else if (o.cookieFile !== undefined) {
+    from = `--cookie-file ${o.cookieFile}`;
+    try {
+      cookie = readFileSync(o.cookieFile, 'utf8').replace(/\r?\n$/, '');
+    } catch (e) {
+      throw new CliUsageError(`${from}: ${(e as Error).message}`);
+    }
+  } else if (env.KVMMEM_COOKIE !== undefined) {
+    cookie = env.KVMMEM_COOKIE;
+    from = 'KVMMEM_COOKIE';
+  } else {
+    throw new CliUsageError('a KVMI cookie is required with --listen: --cookie-file PATH, KVMMEM_COOKIE=... or --cookie TEXT (the secret the device manager was configured with)');
+  }
+  if (cookie.length === 0) throw new CliUsageError(`${from}: the cookie is empty`);
+  return cookie;
 }
 
 /** Runs a command body with the CLI's error conventions. */

@@ -9,7 +9,7 @@ import { PhysicalReader, AddressSpace, scan } from '../inspect/index.js';
 import { IntrospectionServer } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
 import { ModelLab } from '../lab/model-lab.js';
-import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, runCommand, withRam } from './common.js';
+import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, resolveCookie, runCommand, withRam } from './common.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { formatTable, runBench } from './bench.js';
@@ -109,11 +109,18 @@ export function buildProgram(): Command {
     .description('conformance suite for a kvmmem deployment (real device + KVMI socket) or the built-in model')
     .option('--device <path>', 'the kvmmem device to test', '/dev/kvmmem')
     .option('--listen <address>', 'where the tool listens for the device manager: unix:PATH or vsock:PORT')
+    .addOption(new Option('--cookie <text>', 'KVMI cookie shared with the device manager (visible in ps: prefer --cookie-file or KVMMEM_COOKIE)').conflicts('cookieFile'))
+    .option('--cookie-file <path>', 'read the KVMI cookie from a file (a trailing newline is dropped)')
+    .option('--socket-mode <octal>', 'mode of the unix socket file', (v) => { if (!/^0?[0-7]{3}$/.test(v)) throw new InvalidArgumentError('must be an octal mode such as 600'); return parseInt(v, 8); }, 0o600)
+    .option('--allow-uid <uid...>', 'uids allowed to connect over unix (default: root and you)', (v, prev: number[] | undefined) => {
+      if (!/^\d+$/.test(v)) throw new InvalidArgumentError(`'${v}' is not a uid`);
+      return [...(prev ?? []), Number(v)];
+    })
     .option('--model', 'test the built-in model instead of a real device')
     .option('--gpa <addr>', 'guest page to use (must be RAM)', parseAddress, 0x100000n)
     .option('--wait <seconds>', 'how long to wait for a VM to connect', (v) => parseCount(v), 60)
     .option('--json', 'one JSON document')
-    .addHelpText('after', `\nChecks:\n${SELFTEST_CHECKS.map((c) => `  ${c.name.padEnd(24)}${c.what}`).join('\n')}\n\nExamples:\n  kvmmem selftest --model\n  kvmmem selftest --device /dev/kvmmem --listen vsock:1234\n  kvmmem selftest --device /dev/kvmmem --listen unix:/run/kvmi.sock --gpa 0x200000`)
+    .addHelpText('after', `\nChecks:\n${SELFTEST_CHECKS.map((c) => `  ${c.name.padEnd(24)}${c.what}`).join('\n')}\n\nExamples:\n  kvmmem selftest --model\n  kvmmem selftest --device /dev/kvmmem --listen vsock:1234 --cookie-file /etc/kvmi.cookie\n  KVMMEM_COOKIE=secret kvmmem selftest --device /dev/kvmmem --listen unix:/run/kvmi.sock --gpa 0x200000`)
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       let results: CheckResult[];
@@ -135,9 +142,12 @@ export function buildProgram(): Command {
       } else {
         if (!o.listen) throw new CliUsageError('selftest: give --listen unix:PATH|vsock:PORT for a real device, or --model');
         const address = parseListen(o.listen);
+        const cookie = resolveCookie(o);
         // Fail fast, before waiting for a VM, when there is no device or it is not kvmmem.
         LinuxDevice.open(o.device).probe().close();
-        const server = await IntrospectionServer.listen(address);
+        const server = await IntrospectionServer.listen(address, {
+          cookie, mode: o.socketMode, ...(o.allowUid === undefined ? {} : { allowUids: o.allowUid }),
+        });
         try {
           out.say(`waiting up to ${o.wait} s for a device manager on ${o.listen} ...`);
           const vm = await server.waitForVm({}, o.wait * 1000);

@@ -5,6 +5,7 @@
  * Everything in between is real (sockets, handshake, tokens, page remaps), so
  * code written against a lab runs unchanged against a real deployment.
  */
+import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { IntrospectionServer, type Vm } from '../channel/index.js';
@@ -44,7 +45,7 @@ export interface LabVmSpec {
 export interface LabOptions {
   vms: LabVmSpec[];
   host?: ModelHostOptions;
-  /** The handshake cookie both sides share (default 'kvmmem'). */
+  /** The handshake cookie both sides share (default: 16 random bytes per lab, hex). */
   cookie?: string;
   /** Unix socket path the tool listens on (default: a fresh temp dir). */
   socketPath?: string;
@@ -80,7 +81,8 @@ export class ModelLab {
   }
 
   static async start(opts: LabOptions): Promise<ModelLab> {
-    const cookie = opts.cookie ?? 'kvmmem';
+    // Random per lab: a fixed default would be a secret every install shares.
+    const cookie = opts.cookie ?? randomBytes(16).toString('hex');
     if (!staleSwept) {
       staleSwept = true;
       removeStaleTempDirs();
