@@ -6,6 +6,7 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { hex } from '../client/address.js';
 import { PhysicalReader, AddressSpace, scan } from '../inspect/index.js';
+import * as faults from '../sys/faults.js';
 import { IntrospectionServer } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
 import { ModelLab } from '../lab/model-lab.js';
@@ -81,7 +82,11 @@ export function buildProgram(): Command {
       if (o.len > 64 * 2 ** 20) throw new CliUsageError('--len is limited to 64 MiB per read');
       await withRam(o.ram, async (ram) => {
         if (o.gpa + BigInt(o.len) > ram.end) throw new CliUsageError(`[${hex(o.gpa)}, +${o.len}) reaches past the end of ${o.ram} (${hex(ram.end)})`);
-        const data = await ram.session.read(ram.vm, o.gpa, o.len);
+        // A RAM file that shrinks under the read: a typed error (sys/faults), not EFAULT or SIGBUS.
+        const watch = faults.watch(ram.vm.uuid);
+        if (!faults.guarded()) watch.verify('read');
+        const data = await ram.session.read(ram.vm, o.gpa, o.len).catch((e: unknown) => { watch.check('read'); throw e; });
+        watch.check('read');
         out.say(hexdump(data, o.gpa));
         out.result({ ram: o.ram, gpa: o.gpa, length: data.length, hex: data.toString('hex') });
       });

@@ -14,7 +14,7 @@ const MAP_HINTS: Record<number, string> = {
   [ERRNO.EAGAIN]: 'transient host condition: retry with a fresh token after a short wait',
   [ERRNO.EBUSY]: 'transient host condition: retry with a fresh token after a short wait',
   [ERRNO.EALREADY]: 'this local page is already mapped to a guest page: unmap it first or use another page',
-  [ERRNO.ENOMEM]: 'the introspector VM is out of memory',
+  [ERRNO.ENOMEM]: 'the introspector VM is out of memory; on the model host: this process is close to vm.max_map_count (each mapping of pages at non-adjacent gpas is a VMA of its own): map ranges (adjacent pages of adjacent gpas share one VMA), unmap pages you no longer need, or raise the limit (sysctl -w vm.max_map_count=262144)',
   [ERRNO.KVM_ENOSYS]: 'the host does not implement KVM_HC_MEM_MAP: it is not a KVMI host',
 };
 

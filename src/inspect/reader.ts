@@ -13,8 +13,14 @@
  * are cached one by one; the range itself is unmapped when its last cached
  * page is evicted, so the host can hold more mapped pages than the cache
  * has entries (see stats.held).
+ *
+ * A guest RAM file that shrinks under the cache (model host): read(),
+ * readU64/readU32 and readCString throw GuestMemoryShrunkError (code
+ * 'ERR_GUEST_MEMORY_SHRUNK') and empty the cache (see sys/faults); a page()
+ * view the caller holds reads zeros where the file was cut.
  */
 import { ClosedError, UsageError } from '../errors.js';
+import * as faults from '../sys/faults.js';
 import { PAGE_SIZE, pageBase, toAddress, type AddressLike } from '../client/address.js';
 import type { MappedPage, MappedRange, Session } from '../client/session.js';
 import type { TargetVm } from '../client/target.js';
@@ -75,6 +81,7 @@ export class PhysicalReader {
   readonly #inflight = new Map<bigint, Promise<Entry>>();
   #closed = false;
   #held = 0;
+  readonly #watch: faults.FaultWatch;
   readonly #stats = { hits: 0, misses: 0, maps: 0, unmaps: 0, evictions: 0, rangeMaps: 0 };
 
   constructor(session: Session, vm: TargetVm, opts: PhysicalReaderOptions = {}) {
@@ -86,6 +93,7 @@ export class PhysicalReader {
     this.vm = vm;
     this.cachePages = cachePages;
     this.maxRunPages = Math.min(maxRunPages, cachePages);
+    this.#watch = faults.watch(vm.uuid);
   }
 
   get closed(): boolean { return this.#closed; }
@@ -113,6 +121,7 @@ export class PhysicalReader {
     const start = toAddress(gpa, 'gpa');
     if (!Number.isSafeInteger(length) || length < 0) throw new UsageError(`read: length must be a non-negative integer, got ${length}`);
     this.#checkOpen();
+    if (!faults.guarded()) this.#checked(() => this.#watch.verify('read'));
     const out = Buffer.allocUnsafe(length);
     let done = 0;
     while (done < length) {
@@ -153,21 +162,26 @@ export class PhysicalReader {
         o = 0;
       }
     }
+    this.#checked(() => this.#watch.check('read'));
     return out;
   }
 
   async readU64(gpa: AddressLike): Promise<bigint> {
     const g = toAddress(gpa, 'gpa');
     const off = Number(g & 0xfffn);
-    if (off <= PAGE_SIZE - 8) return (await this.page(g)).readBigUInt64LE(off);
-    return (await this.read(g, 8)).readBigUInt64LE(0);
+    if (off > PAGE_SIZE - 8) return (await this.read(g, 8)).readBigUInt64LE(0);
+    const v = (await this.page(g)).readBigUInt64LE(off);
+    this.#checked(() => this.#watch.check('read'));
+    return v;
   }
 
   async readU32(gpa: AddressLike): Promise<number> {
     const g = toAddress(gpa, 'gpa');
     const off = Number(g & 0xfffn);
-    if (off <= PAGE_SIZE - 4) return (await this.page(g)).readUInt32LE(off);
-    return (await this.read(g, 4)).readUInt32LE(0);
+    if (off > PAGE_SIZE - 4) return (await this.read(g, 4)).readUInt32LE(0);
+    const v = (await this.page(g)).readUInt32LE(off);
+    this.#checked(() => this.#watch.check('read'));
+    return v;
   }
 
   /** A NUL-terminated latin1 string of at most `max` bytes (without the NUL), read page by page. */
@@ -189,6 +203,7 @@ export class PhysicalReader {
       parts.push(Buffer.from(buf.subarray(off, off + n)));
       got += n;
     }
+    this.#checked(() => this.#watch.check('read'));
     return Buffer.concat(parts).toString('latin1');
   }
 
@@ -237,6 +252,31 @@ export class PhysicalReader {
     if (this.#closed) throw new ClosedError('PhysicalReader', 'read');
   }
 
+  /** A failed map's error, or GuestMemoryShrunkError when the host refused it because the RAM file shrank. */
+  #whyMapFailed(err: unknown): unknown {
+    try {
+      this.#checked(() => this.#watch.check('read'));
+    } catch (shrunk) {
+      return shrunk;
+    }
+    return err;
+  }
+
+  /**
+   * Runs a fault check; when it throws (the RAM file shrank), empties the cache
+   * first: a page that faulted now reads zeros, and no later read may return them.
+   */
+  #checked(check: () => void): void {
+    try {
+      check();
+    } catch (e) {
+      for (const entry of [...this.#cache.values()]) {
+        try { this.#drop(entry); } catch { /* the shrink is what to report */ }
+      }
+      throw e;
+    }
+  }
+
   async #pageOf(base: bigint, count: boolean): Promise<Buffer> {
     for (;;) {
       const e = await this.#lookup(base, count);
@@ -269,7 +309,7 @@ export class PhysicalReader {
   /** Maps one page, registered as under way so concurrent lookups join it. */
   async #mapOne(base: bigint): Promise<Entry> {
     const p = (async () => {
-      const page = await this.session.map(this.vm, base);
+      const page = await this.session.map(this.vm, base).catch((err: unknown) => { throw this.#whyMapFailed(err); });
       this.#stats.maps++;
       this.#held++;
       const e: Entry = { gpa: base, buffer: page.buffer, owner: { kind: 'page', page }, dead: false };
@@ -325,7 +365,8 @@ export class PhysicalReader {
       // Insert all synchronously, in page order, before anyone awaiting a page resumes.
       for (const e of entries) this.#insert(e);
       for (let k = 0; k < n; k++) waiters[k]!.resolve(entries[k]!);
-    } catch (err) {
+    } catch (e) {
+      const err = this.#whyMapFailed(e);
       for (const w of waiters) w.reject(err);
       throw err;
     } finally {

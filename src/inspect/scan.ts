@@ -12,8 +12,12 @@
  *   and no match spans a hole.
  * - Cancellation: an AbortSignal rejects with AbortError (code 'ABORT_ERR')
  *   once whatever the scan holds is unmapped.
+ * - A guest RAM file that shrinks during the scan (model host) rejects with
+ *   GuestMemoryShrunkError (code 'ERR_GUEST_MEMORY_SHRUNK'), checked after
+ *   every chunk (see sys/faults), never with a hole or a signal.
  */
 import { KvmmemError, UsageError } from '../errors.js';
+import * as faults from '../sys/faults.js';
 import { PAGE_SIZE, hex, pageBase, toAddress, type AddressLike } from '../client/address.js';
 import { Session, type MappedRange } from '../client/session.js';
 import { assertTargetVm, type TargetVm } from '../client/target.js';
@@ -258,6 +262,9 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
     scannedBytes += buf.length;
   };
   const aborted = () => signal?.aborted === true;
+  // Faults of this VM's RAM: checked after every chunk (and an fstat before it without the SIGBUS guard).
+  const watch = faults.watch(vm.uuid);
+  const verify = !faults.guarded();
 
   let next: Promise<Mapped> | null = mapChunk(0);
   let held: MappedRange | null = null;
@@ -272,10 +279,13 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
       if (cur.ok) {
         // Ask for the next chunk first: its token round trips overlap this search.
         if (i + 1 < chunks) next = mapChunk(i + 1);
+        if (verify) watch.verify('scan');
         feed(cur.range.buffer, s);
+        watch.check('scan');
         cur.range.unmap();
         held = null;
       } else if (isHoleError(cur.error)) {
+        watch.check('scan'); // EFAULT because the RAM file shrank is no hole
         // Page by page, one token batch of single-page maps at a time (a group in a hole
         // costs one round trip); never more maps in flight than the host lets us have tokens.
         const group = Math.max(1, session.options.maxTokensInFlight);
@@ -313,8 +323,10 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
               const p = page!.gpa;
               const ps = p < s ? s : p;
               const pe = p + PS > e ? e : p + PS;
+              if (verify) watch.verify('scan');
               feed(page!.buffer.subarray(Number(ps - p), Number(pe - p)), ps);
             }
+            watch.check('scan');
           } finally {
             for (const page of got) page?.[Symbol.dispose]();
           }

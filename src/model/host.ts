@@ -24,11 +24,13 @@
  * (one JS thread), so per-page semantics hold; a remap that fails at the end
  * is rolled back and reported per page.
  */
+import { readFileSync } from 'node:fs';
 import type * as net from 'node:net';
 import { debuglog } from 'node:util';
 import { parse as uuidParse, v4 as uuidV4, validate as uuidValidate } from 'uuid';
 import * as libc from '../sys/libc.js';
-import { remapFresh, remapShared } from '../sys/window.js';
+import * as faults from '../sys/faults.js';
+import { remapFresh } from '../sys/window.js';
 import { ERRNO } from '../abi/errno.js';
 import { KVM_EFAULT, KVM_ENOENT, KVM_ENOSYS, KVM_HC_MEM_MAP, KVM_HC_MEM_UNMAP } from '../abi/hypercall.js';
 import {
@@ -50,7 +52,7 @@ import * as deviceManager from './device-manager.js';
 const debug = debuglog('kvmmem');
 const PS = PAGE_SIZE;
 const MAX_SAFE = 9007199254740991n;
-const { EAGAIN, EALREADY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EAGAIN' | 'EALREADY' | 'EEXIST' | 'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
+const { EAGAIN, EALREADY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOTTY, EPERM } = ERRNO as Record<'EAGAIN' | 'EALREADY' | 'EEXIST' | 'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOMEM' | 'ENOTTY' | 'EPERM', number>;
 
 export interface ModelHostOptions {
   /** Shows in device paths ('model:<name>') and debug lines. Default 'kvmmem'. */
@@ -71,6 +73,25 @@ export interface ModelHostOptions {
   preunhookTimeoutMs?: number;
   /** Millisecond clock for token expiry (default Date.now). */
   now?: () => number;
+  /**
+   * The process's limit on mappings (VMAs), default /proc/sys/vm/max_map_count:
+   * MAP fails with ENOMEM before this process gets within 10% of it (see vmas()).
+   */
+  maxMapCount?: number;
+}
+
+/** How close the model host lets this process get to vm.max_map_count (see ModelHost.vmas()). */
+export interface VmaStats {
+  /** vm.max_map_count (or the maxMapCount option). */
+  limit: number;
+  /** MAPs that would take the estimate above this fail with ENOMEM: limit - 10%. */
+  threshold: number;
+  /** Estimated VMAs of this process now: the last count of /proc/self/maps plus what MAPs added since. */
+  estimate: number;
+  /** The host's mappings' share of the estimate: one per run of pages that cannot merge with its neighbour, one per window piece split off after a run. */
+  mappings: number;
+  /** Times /proc/self/maps was counted. */
+  measurements: number;
 }
 
 export interface CreateVmOptions {
@@ -147,8 +168,43 @@ interface Chunk {
   n: number;
 }
 
-/** The kind of a queued remap in the deferral log: a fresh page, else fd * 2 + (writable ? 1 : 0). */
+/**
+ * The kind of a queued remap in the deferral log: a fresh page, else
+ * fd * 4 + (guarded ? 2 : 0) + (writable ? 1 : 0) (see opOf).
+ */
 const OP_FRESH = -1;
+/** A remap of `fd`: guarded pages are a guest RAM file that may shrink (libc.REMAP_GUARD). */
+const opOf = (fd: number, writable: boolean, guard: boolean) => fd * 4 + (guard ? 2 : 0) + (writable ? 1 : 0);
+const opFd = (op: number) => Math.floor(op / 4);
+/** The libc remap kind of a shared op (REMAP_SHARED or _RO, | REMAP_GUARD). */
+const gpaAdjacent = (a: number | bigint, b: number | bigint) =>
+  (typeof a === 'number' && typeof b === 'number' ? a + PS === b : BigInt(a) + BigInt(PS) === BigInt(b));
+let guardAvailable: boolean | undefined;
+/** Batches begun in this process: a batch checks each guest RAM file's size once (GuestMemory._sizeAt). */
+let batchStamps = 0;
+const opKind = (op: number) => ((op & 1) === 1 ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO) | ((op & 2) === 2 ? libc.REMAP_GUARD : 0);
+
+/** vm.max_map_count, read once per process. */
+let sysMaxMapCount: number | undefined;
+function systemMaxMapCount(): number {
+  if (sysMaxMapCount === undefined) {
+    try {
+      const v = Number(readFileSync('/proc/sys/vm/max_map_count', 'latin1').trim());
+      sysMaxMapCount = Number.isSafeInteger(v) && v > 0 ? v : 65530;
+    } catch {
+      sysMaxMapCount = 65530; // the kernel's default (DEFAULT_MAX_MAP_COUNT)
+    }
+  }
+  return sysMaxMapCount;
+}
+
+/** The VMAs of this process now: the lines of /proc/self/maps. */
+function countVmas(): number {
+  const b = readFileSync('/proc/self/maps');
+  let n = 0;
+  for (let i = b.indexOf(10); i >= 0; i = b.indexOf(10, i + 1)) n++;
+  return n;
+}
 
 const VM_HINTS = {
   EPERM: 'introspection is disabled on this host (kvm.introspection=0; here: new ModelHost({ introspection: true }))',
@@ -193,6 +249,32 @@ export class ModelHost {
   readonly #counters: HostCounters = { mapHypercalls: 0, unmapHypercalls: 0, remapCalls: 0, remappedPages: 0 };
   #driver: KvmiMemDriver | undefined;
   #closed = false;
+  /**
+   * VMA accounting (see vmas()): every run of mapped pages that cannot merge
+   * with the page before it is a VMA of its own, and so is the piece of window
+   * split off after a run. #vmaMine is that count for the host's mappings now;
+   * #vmaBase the rest of the process, from the last count of /proc/self/maps.
+   */
+  readonly #vmaLimit: number;
+  readonly #vmaThreshold: number;
+  /** Slack granted after a count found room: the next count comes this many VMAs later, not at every MAP. */
+  readonly #vmaStep: number;
+  #vmaMine = 0;
+  #vmaBase = -1;
+  /** MAPs are let through without a count up to this #vmaMine (a count found room). */
+  #vmaSlackTo = -1;
+  /** #vmaMine when a count refused a MAP (no count again until it drops). */
+  #vmaRefusedAt = Infinity;
+  #vmaMeasurements = 0;
+  /** Stamp of the batch now running (file sizes are checked once per batch), or -1. */
+  #sizeStamp = -1;
+  /** The batch and memory of the last MAP refused past a shrunk file's end (reported once per batch). */
+  #reportedStamp = -1;
+  #reportedMem: GuestMemory | undefined;
+  readonly #faultSource: faults.FaultSource = {
+    resolve: (address) => this.#resolveFault(address),
+    shrunk: (uuid) => this.#shrunk(uuid),
+  };
 
   constructor(opts: ModelHostOptions = {}) {
     this.name = opts.name ?? 'kvmmem';
@@ -208,6 +290,11 @@ export class ModelHost {
       ttlMs: opts.tokenTtlMs ?? (v4 ? Infinity : 3000),
       ...(opts.now === undefined ? {} : { now: opts.now }),
     });
+    const limit = opts.maxMapCount ?? systemMaxMapCount();
+    if (!Number.isSafeInteger(limit) || limit < 64) throw new UsageError(`maxMapCount must be an integer >= 64, got ${String(limit)}`);
+    this.#vmaLimit = limit;
+    this.#vmaThreshold = limit - Math.ceil(limit / 10);
+    this.#vmaStep = Math.max(16, Math.floor(limit / 40));
   }
 
   get closed(): boolean { return this.#closed; }
@@ -225,6 +312,7 @@ export class ModelHost {
     const memory = opts.memory instanceof GuestMemory ? opts.memory : GuestMemory.anonymous(opts.memory, { name: `kvmmem-${opts.name}` });
     const vm = new ModelVm(this, uuid.toLowerCase(), opts.name, memory, owned);
     this.#vms.add(vm);
+    if (memory.mayShrink) faults.addFaultSource(this.#faultSource);
     debug('host %s: VM %s (%s) created, %d bytes of RAM', this.name, vm.name, vm.uuid, memory.size);
     return vm;
   }
@@ -300,6 +388,8 @@ export class ModelHost {
     const gpaPage = gpa - (gpa % BigInt(PS));
     const where = vm.memory.resolve(gpaPage, PS);
     if (where === null) return -KVM_EFAULT;
+    // A guest RAM file that shrank no longer has the page: no memslot behind it.
+    if (vm.memory.mayShrink && this.#pastEnd(vm, where.offset, gpaPage)) return -KVM_EFAULT;
     // Introspector page (its "gpa" is its address here) must exist.
     if (mapGpa >= BigInt(USER_LIMIT)) return -KVM_EFAULT;
     const page = pageOf(Number(mapGpa));
@@ -325,6 +415,7 @@ export class ModelHost {
       const gpaPage = gpa - (gpa % PS);
       const offset = mem._offsetOfPage(gpaPage);
       if (offset >= 0) {
+        if (mem.mayShrink && this.#pastEnd(vm, offset, gpaPage)) return -KVM_EFAULT;
         if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
         return this.#book(vm, gpaPage, mem.fd, offset, mem.writable, page);
       }
@@ -340,6 +431,7 @@ export class ModelHost {
       where = mem.resolve(p, PS);
     }
     if (where === null) return -KVM_EFAULT;
+    if (mem.mayShrink && this.#pastEnd(vm, where.offset, gpaPage)) return -KVM_EFAULT;
     if (page === 0 || page + PS > USER_LIMIT) return -KVM_EFAULT;
     return this.#book(vm, gpaPage, where.fd, where.offset, where.writable, page);
   }
@@ -373,7 +465,11 @@ export class ModelHost {
       where = vm.memory.resolve(p, PS);
     }
     if (where === null || page === 0 || page + PS > USER_LIMIT || this.#mapHas(page)) return undefined;
-    const r = libc.mapOne(where.writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, page, PS, where.fd, where.offset);
+    const mem = vm.memory;
+    if (mem.mayShrink && mem._sizeAt(-1) < where.offset + PS) return undefined; // (reported on the slow path)
+    const dv = this.#vmaDelta(page, vm, gpaPage);
+    if (!this.#vmaRoom(dv)) return undefined;
+    const r = libc.mapOne(opKind(opOf(where.fd, where.writable, this.#guards(mem))), page, PS, where.fd, where.offset);
     if (r > 0) return r; // no page there: no hypercall
     // The hypercall: the token is used, the page booked (remapped just now).
     this.#counters.mapHypercalls++;
@@ -384,19 +480,24 @@ export class ModelHost {
       this.#freshOrLog(page, 1);
       return r;
     }
-    this.#mapSet(page, vm, gpaPage);
+    this.#mapSet(page, vm, gpaPage, dv);
     return 0;
   }
 
   #book(vm: ModelVm, gpaPage: number | bigint, fd: number, offset: number, writable: boolean, page: number): number {
     // v6 remote mapping: the same introspector page mapped twice.
     if (this.#mapHas(page)) return -EALREADY;
-    this.#mapSet(page, vm, gpaPage);
+    // Model only: each mapping is a VMA of this process (a real host changes EPT); fail
+    // before the process reaches vm.max_map_count, where mmap fails and V8 aborts.
+    const dv = this.#vmaDelta(page, vm, gpaPage);
+    if (!this.#vmaRoom(dv)) return -ENOMEM;
+    this.#mapSet(page, vm, gpaPage, dv);
+    const op = opOf(fd, writable, this.#guards(vm.memory));
     if (this.#pendN >= 0) {
-      this.#queue(page, offset, fd * 2 + (writable ? 1 : 0));
+      this.#queue(page, offset, op);
       return 0;
     }
-    const r = this.#remapRun(fd * 2 + (writable ? 1 : 0), page, 1, offset);
+    const r = this.#remapRun(op, page, 1, offset);
     if (r < 0) {
       this.#dropMapping(page);
       this.#freshOrLog(page, 1);
@@ -432,8 +533,10 @@ export class ModelHost {
     const i = (page % CHUNK_BYTES) / PS;
     const vm = c.vm[i];
     if (vm === undefined) return false;
+    const g = c.gpa[i]!;
+    this.#vmaMine -= this.#vmaDelta(page, vm, g === g ? g : this.#bigGpa.get(page)!);
     c.vm[i] = undefined;
-    if (c.gpa[i] !== c.gpa[i]) this.#bigGpa.delete(page);
+    if (g !== g) this.#bigGpa.delete(page);
     if (--c.n === 0) {
       this.#chunks.delete(Math.floor(page / CHUNK_BYTES));
       this.#lastKey = -1;
@@ -474,8 +577,9 @@ export class ModelHost {
     return { vm, gpa: g === g ? g : this.#bigGpa.get(page)! };
   }
 
-  /** Lists a mapping at `page` (not mapped yet). */
-  #mapSet(page: number, vm: ModelVm, gpaPage: number | bigint): void {
+  /** Lists a mapping at `page` (not mapped yet); `dv`: its #vmaDelta(). */
+  #mapSet(page: number, vm: ModelVm, gpaPage: number | bigint, dv: number): void {
+    this.#vmaMine += dv;
     let c = this.#chunk(page);
     if (c === undefined) {
       const key = Math.floor(page / CHUNK_BYTES);
@@ -544,13 +648,121 @@ export class ModelHost {
     if (r < 0) debug('host %s: could not give 0x%s (%d pages) a fresh page: errno %d', this.name, page.toString(16), pages, -r);
   }
 
-  /** One mmap(+mlock) for `pages` adjacent pages (op: OP_FRESH or fd * 2 + writable). 0 or -errno. */
+  /** One mmap(+mlock) for `pages` adjacent pages (op: OP_FRESH or opOf()). 0 or -errno. */
   #remapRun(op: number, page: number, pages: number, offset: number): number {
     this.#counters.remapCalls++;
     this.#counters.remappedPages += pages;
     if (op === OP_FRESH) return remapFresh(page, pages * PS);
-    return remapShared(page, pages * PS, op >> 1, offset, (op & 1) === 1);
+    return libc.remapOne(opKind(op), page, pages * PS, opFd(op), offset);
   }
+
+  /** Pages of `mem` are guarded against SIGBUS: its file may shrink and the helper can guard (see sys/faults). */
+  #guards(mem: GuestMemory): boolean {
+    return mem.mayShrink && (guardAvailable ??= libc.faultGuardAvailable());
+  }
+
+  /**
+   * Whether [offset, offset + PS) is past the end of vm's RAM file now (it
+   * shrank): then reported to sys/faults. One fstat per batch, or per single MAP.
+   */
+  #pastEnd(vm: ModelVm, offset: number, gpaPage: number | bigint): boolean {
+    const mem = vm.memory;
+    const stamp = this.#sizeStamp;
+    const size = mem._sizeAt(stamp);
+    if (offset + PS <= size) return false;
+    // One report per file and batch: the first gpa past the end is the one to name.
+    if (stamp >= 0 && this.#reportedStamp === stamp && this.#reportedMem === mem) return true;
+    this.#reportedStamp = stamp;
+    this.#reportedMem = mem;
+    faults.reportShrink({ uuid: vm.uuid, vm: vm.name, path: mem.path ?? mem.name, fileSize: Number(mem.fileSize), size: Math.max(0, size), gpa: BigInt(gpaPage) });
+    return true;
+  }
+
+  /** sys/faults: the guest page behind a guarded introspector page that faulted. */
+  #resolveFault(address: number): faults.GuestMemoryFault | undefined {
+    if (!(address > 0 && address < USER_LIMIT)) return undefined;
+    const r = this.#mapGet(pageOf(address));
+    if (r === undefined || !r.vm.memory.mayShrink) return undefined;
+    const mem = r.vm.memory;
+    return { uuid: r.vm.uuid, vm: r.vm.name, path: mem.path ?? mem.name, fileSize: Number(mem.fileSize), size: Math.max(0, mem._sizeAt(-1)), gpa: BigInt(r.gpa) };
+  }
+
+  /** sys/faults: VM `uuid` of this host, when its RAM file is smaller now than when it was opened. */
+  #shrunk(uuid: string): faults.GuestMemoryFault | undefined {
+    const vm = this.findVm(uuid);
+    if (vm === undefined || !vm.memory.mayShrink || vm.memory.closed) return undefined;
+    const mem = vm.memory;
+    const size = mem._sizeAt(-1);
+    if (size >= Number(mem.fileSize)) return undefined;
+    return { uuid: vm.uuid, vm: vm.name, path: mem.path ?? mem.name, fileSize: Number(mem.fileSize), size };
+  }
+
+  // ---- VMA accounting (model only) ----
+
+  /**
+   * VMAs a mapping at `page` of (vm, gpaPage) adds to this process (negative:
+   * removes), from its neighbours: it starts a VMA unless the page before holds
+   * the previous gpa of the same VM (a file mapping with contiguous offsets
+   * merges), and splits a window piece off after it unless the page after is
+   * mapped too. The same before and after the page is listed (it never looks at
+   * the page itself). An upper bound: fresh pages merge back into their window.
+   */
+  #vmaDelta(page: number, vm: ModelVm, gpaPage: number | bigint): number {
+    const left = page - PS, right = page + PS;
+    const lc = this.#chunk(left);
+    const li = (left % CHUNK_BYTES) / PS;
+    const lvm = lc?.vm[li];
+    const rc = this.#chunk(right);
+    const ri = (right % CHUNK_BYTES) / PS;
+    const rvm = rc?.vm[ri];
+    let d = 0;
+    // Left: nothing mapped there: a new VMA (+1); mapped, not contiguous: a new VMA in
+    // place of the window piece that followed it (0); contiguous: the run grows, and its
+    // trailing window piece moves after this page (-1, the +1 below adds it back).
+    if (lvm === undefined) d++;
+    else if (lvm === vm && gpaAdjacent(this.#gpaAt(lc!, li, left), gpaPage)) d--;
+    // Right: nothing mapped there: a window piece after it (+1); a contiguous run: merges (-1).
+    if (rvm === undefined) d++;
+    else if (rvm === vm && gpaAdjacent(gpaPage, this.#gpaAt(rc!, ri, right))) d--;
+    return d;
+  }
+
+  /** The gpa page mapped at `page` (index i of chunk c). */
+  #gpaAt(c: Chunk, i: number, page: number): number | bigint {
+    const g = c.gpa[i]!;
+    return g === g ? g : this.#bigGpa.get(page)!;
+  }
+
+  /**
+   * Whether a MAP that adds `d` VMAs leaves this process below the threshold.
+   * The estimate is /proc/self/maps as last counted plus what the host's
+   * mappings changed since; past the threshold it is counted again (at most once
+   * per #vmaStep VMAs the host adds, and not again after a refusal until the
+   * host has unmapped something), so the refusal rests on a real count.
+   */
+  #vmaRoom(d: number): boolean {
+    if (d <= 0) return true;
+    if (this.#vmaBase < 0) this.#vmaMeasure(); // the process's own VMAs, once
+    const mine = this.#vmaMine + d;
+    if (this.#vmaBase + mine <= this.#vmaThreshold || mine <= this.#vmaSlackTo) return true;
+    if (this.#vmaMine >= this.#vmaRefusedAt) return false;
+    this.#vmaMeasure();
+    if (this.#vmaBase + mine <= this.#vmaThreshold) {
+      this.#vmaSlackTo = mine + this.#vmaStep;
+      this.#vmaRefusedAt = Infinity;
+      return true;
+    }
+    this.#vmaRefusedAt = this.#vmaMine;
+    debug('host %s: MAP refused with ENOMEM: %d VMAs in this process (the host\'s mappings: ~%d), vm.max_map_count %d, refusing above %d',
+      this.name, this.#vmaBase + this.#vmaMine, this.#vmaMine, this.#vmaLimit, this.#vmaThreshold);
+    return false;
+  }
+
+  #vmaMeasure(): void {
+    this.#vmaMeasurements++;
+    this.#vmaBase = countVmas() - this.#vmaMine;
+  }
+
 
   // ---- batches ----
 
@@ -561,6 +773,7 @@ export class ModelHost {
   _beginDeferral(): void {
     if (this.#pendN >= 0) throw new Error('ModelHost: remaps are already being deferred');
     this.#pendN = 0;
+    this.#sizeStamp = ++batchStamps;
   }
 
   /**
@@ -570,6 +783,7 @@ export class ModelHost {
   _endDeferral(): Map<number, number> {
     const n = this.#pendN;
     this.#pendN = -1;
+    this.#sizeStamp = -1;
     const failures = new Map<number, number>();
     if (n <= 0) return failures;
     const P = this.#pendPage, O = this.#pendOff, K = this.#pendOp;
@@ -603,7 +817,7 @@ export class ModelHost {
       const op = rest[0]!.op;
       const runs = rest.filter((r) => r.op === op);
       rest = runs.length === rest.length ? [] : rest.filter((r) => r.op !== op);
-      const res = this.#doRuns(runs, op >> 1, (op & 1) === 1);
+      const res = this.#doRuns(runs, op);
       for (let i = 0; i < runs.length; i++) {
         if (res[i]! >= 0) continue;
         const run = runs[i]!;
@@ -616,7 +830,7 @@ export class ModelHost {
       }
     }
     if (fresh.length > 0) {
-      const res = this.#doRuns(fresh, -1, true, true);
+      const res = this.#doRuns(fresh, OP_FRESH);
       for (let i = 0; i < fresh.length; i++) {
         if (res[i]! < 0) this.#freshOrLog(fresh[i]!.page, fresh[i]!.pages); // retry once; log if it fails again
       }
@@ -624,11 +838,14 @@ export class ModelHost {
     return failures;
   }
 
-  #doRuns(runs: Run[], fd: number, writable: boolean, fresh = false): Int32Array {
+  /** The remaps of `runs`, all of one op (OP_FRESH or opOf()): 0 or -errno each. */
+  #doRuns(runs: Run[], op: number): Int32Array {
     const res = new Int32Array(runs.length);
     this.#counters.remapCalls += runs.length;
     for (const r of runs) this.#counters.remappedPages += r.pages;
-    if ((fresh || writable) && libc.batchAvailable()) {
+    const fresh = op === OP_FRESH, fd = fresh ? -1 : opFd(op), kind = fresh ? libc.REMAP_FRESH : opKind(op);
+    // (read-only runs without a guard go one by one: remapMany of them needs ABI 2)
+    if ((fresh || (op & 3) !== 0) && libc.batchAvailable()) {
       const n = runs.length;
       const addrs = new BigUint64Array(n), lens = new BigUint64Array(n), offs = new BigInt64Array(n);
       for (let i = 0; i < n; i++) {
@@ -636,12 +853,12 @@ export class ModelHost {
         lens[i] = BigInt(runs[i]!.pages * PS);
         offs[i] = BigInt(runs[i]!.offset);
       }
-      libc.remapMany(fresh ? libc.REMAP_FRESH : libc.REMAP_SHARED, addrs, lens, fd, offs, n, res);
+      libc.remapMany(kind, addrs, lens, fd, offs, n, res);
       return res;
     }
     for (let i = 0; i < runs.length; i++) {
       const r = runs[i]!;
-      res[i] = fresh ? remapFresh(r.page, r.pages * PS) : remapShared(r.page, r.pages * PS, fd, r.offset, writable);
+      res[i] = fresh ? remapFresh(r.page, r.pages * PS) : libc.remapOne(kind, r.page, r.pages * PS, fd, r.offset);
     }
     return res;
   }
@@ -654,6 +871,22 @@ export class ModelHost {
       mappings: this.#mapCount,
       tokensOutstanding: this._tokens.outstanding(),
       vms,
+    };
+  }
+
+  /**
+   * How close this process is to vm.max_map_count. Model only: every mapping
+   * the model makes is a VMA of this process (a real host changes the EPT, not
+   * the introspector's VMAs), so MAP fails with ENOMEM once the estimate would
+   * pass `threshold` (the limit less 10%), before mmap itself fails (and V8
+   * aborts on its next allocation). Map ranges (adjacent pages of adjacent gpas
+   * share one VMA) or raise the limit: `sysctl -w vm.max_map_count=262144`.
+   */
+  vmas(): VmaStats {
+    if (this.#vmaBase < 0) this.#vmaMeasure();
+    return {
+      limit: this.#vmaLimit, threshold: this.#vmaThreshold, estimate: this.#vmaBase + this.#vmaMine,
+      mappings: this.#vmaMine, measurements: this.#vmaMeasurements,
     };
   }
 
@@ -703,6 +936,7 @@ export class ModelHost {
     this.#driver?.kvm_intro_guest_exit();
     for (const vm of [...this.#vms]) this.removeVm(vm);
     this._tokens.close();
+    faults.removeFaultSource(this.#faultSource);
     this.#closed = true;
   }
 

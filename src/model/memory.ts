@@ -70,8 +70,15 @@ export class GuestMemory {
   /** The backing file's path, or undefined for an anonymous (memfd) VM. */
   readonly path: string | undefined;
   readonly writable: boolean;
-  /** Size of the backing file in bytes. */
+  /** Size of the backing file in bytes (when the memory was opened). */
   readonly fileSize: bigint;
+  /**
+   * The backing file can shrink under a mapping (an existing file: someone may
+   * truncate it). false for anonymous memory: its memfd is sealed against
+   * shrinking and growing (a guest's RAM never changes size), so ftruncate fails
+   * with EPERM.
+   */
+  readonly mayShrink: boolean;
   /** Sorted by gpa, non-overlapping, page-aligned. */
   readonly regions: readonly MemoryRegion[];
   #fd: number;
@@ -80,6 +87,9 @@ export class GuestMemory {
   /** _offsetOfPage(): the regions as numbers (built on first use), and the last region hit. */
   #numRegions: Float64Array | null | undefined;
   #lastRegion = 0;
+  /** _sizeAt(): the size fstat saw for the stamp. */
+  #sizeStamp = -1;
+  #sizeSeen = 0;
 
   private constructor(name: string, path: string | undefined, fd: number, fileSize: bigint, writable: boolean, regions: readonly MemoryRegion[] | undefined) {
     this.name = name;
@@ -88,6 +98,7 @@ export class GuestMemory {
     this.#ledger = recordFd(fd);
     this.fileSize = fileSize;
     this.writable = writable;
+    this.mayShrink = path !== undefined;
     try {
       this.regions = GuestMemory.#checkRegions(regions ?? [{ gpa: 0n, size: fileSize, fileOffset: 0n }], fileSize);
     } catch (e) {
@@ -101,9 +112,11 @@ export class GuestMemory {
     const size = toBig('bytes', bytes);
     if (size <= 0n || size % PAGE !== 0n) throw new UsageError(`GuestMemory.anonymous: ${size} bytes is not a positive multiple of the page size ${PAGE_SIZE}`);
     const name = opts.name ?? 'kvmmem-guest';
-    const fd = libc.memfdCreate(name);
+    const fd = libc.memfdCreate(name, libc.MFD_ALLOW_SEALING);
     try {
       libc.ftruncate(fd, Number(size));
+      // A page mapped past a shrunk file's end would SIGBUS the introspector: the size is fixed.
+      libc.fcntl(fd, libc.F_ADD_SEALS, libc.F_SEAL_SHRINK | libc.F_SEAL_GROW | libc.F_SEAL_SEAL);
     } catch (e) {
       fs.closeSync(fd);
       throw e;
@@ -175,6 +188,27 @@ export class GuestMemory {
     }
     if (out.length === 0) throw new UsageError('a VM needs at least one memory region');
     return Object.freeze(out) as MemoryRegion[];
+  }
+
+  /**
+   * The backing file's size now, in bytes (fstat; -1 once closed). Equal to
+   * fileSize unless the file was truncated (or grown) after it was opened.
+   */
+  currentFileSize(): number {
+    if (this.#fd < 0) return -1;
+    return fs.fstatSync(this.#fd).size;
+  }
+
+  /**
+   * @internal currentFileSize(), fstat'ed once per `stamp` (a batch of the
+   * model host); stamp -1: always fstat. -1 once closed.
+   */
+  _sizeAt(stamp: number): number {
+    if (stamp >= 0 && stamp === this.#sizeStamp) return this.#sizeSeen;
+    const size = this.currentFileSize();
+    this.#sizeStamp = stamp;
+    this.#sizeSeen = size;
+    return size;
   }
 
   /** The backing fd (-1 once closed). */

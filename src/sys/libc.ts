@@ -27,8 +27,9 @@ export const PROT_NONE = 0, PROT_READ = 1, PROT_WRITE = 2;
 export const MAP_SHARED = 0x01, MAP_PRIVATE = 0x02, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20,
   MAP_NORESERVE = 0x4000, MAP_POPULATE = 0x8000, MAP_LOCKED = 0x2000;
 export const MADV_DONTNEED = 4, MADV_POPULATE_READ = 22, MADV_POPULATE_WRITE = 23;
-export const MFD_CLOEXEC = 1;
+export const MFD_CLOEXEC = 1, MFD_ALLOW_SEALING = 2;
 export const F_GETFD = 1, FD_CLOEXEC = 1;
+export const F_ADD_SEALS = 1033, F_GET_SEALS = 1034, F_SEAL_SEAL = 1, F_SEAL_SHRINK = 2, F_SEAL_GROW = 4;
 const _SC_PAGESIZE = 30;
 /** Node Buffers (and ffi-rs external views) are at most this long. */
 export const MAX_VIEW_BYTES = 2 ** 32;
@@ -399,9 +400,10 @@ export function batchAvailable(): boolean {
       try {
         ffiOpen({ library: BATCH, path });
         const v = load({ library: BATCH, funcName: 'kvmmem_batch_abi_version', retType: I32, paramsType: [], paramsValue: [] }) as number;
-        batchState = v === 1 || v === 2 || v === 3 ? 'loaded' : 'absent';
+        batchState = v >= 1 && v <= 4 ? 'loaded' : 'absent';
         batchAbi = batchState === 'loaded' ? v : 0;
-        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1, 2 or 3: ignored', path, v);
+        if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1 to 4: ignored', path, v);
+        else if (v < 4) debug('native batch helper at %s is ABI %d (no SIGBUS guard for guest RAM files): rebuild it with `npm run build:native`', path, v);
         else if (v < 2) debug('native batch helper at %s is ABI 1 (no single remaps): rebuild it with `npm run build:native`', path);
       } catch (e) {
         batchState = 'absent';
@@ -520,6 +522,43 @@ export function mapOneNative(): boolean {
 export function mapOne(kind: number, addr: number, length: number, fd: number, offset: number): number {
   return load({ library: BATCH, funcName: 'kvmmem_map_one', retType: I32,
     paramsType: [I32, U64, U64, I32, I64], paramsValue: [kind, addr, length, fd, offset] }) as number;
+}
+
+/**
+ * Kind flag for remapOne/remapMany/mapOne (kinds REMAP_SHARED and REMAP_SHARED_RO;
+ * batch helper ABI 4, see faultGuardAvailable()): the pages are *guarded* until
+ * something remaps them: a SIGBUS on one (its file shrank below it) puts a zero
+ * page there and is counted in faultState() instead of killing the process.
+ */
+export const REMAP_GUARD = 0x100;
+
+/** Whether the batch helper guards pages (ABI 4): REMAP_GUARD, faultState(), faultGuarded(). */
+export function faultGuardAvailable(): boolean {
+  return batchAvailable() && batchAbi >= 4;
+}
+
+/** Layout of the helper's struct kvmmem_fault_state (u32 count, ring_size, installed, passed_on; u64 ring[]). */
+export const FAULT_STATE = { COUNT: 0, RING_SIZE: 1, INSTALLED: 2, PASSED_ON: 3, RING_BYTE_OFFSET: 16 } as const;
+let faultStateCache: Buffer | null = null;
+
+/**
+ * A live view of the helper's fault state (needs faultGuardAvailable()): read
+ * it after touching guarded pages, no native call needed. The n-th fault's page
+ * address is the u64 at RING_BYTE_OFFSET + 8 * ((n - 1) % ring_size).
+ */
+export function faultState(): Buffer {
+  if (faultStateCache === null) {
+    const addr = load({ library: BATCH, funcName: 'kvmmem_fault_state', retType: U64, paramsType: [], paramsValue: [] }) as number;
+    const head = view(addr, 16);
+    const ring = head.readUInt32LE(4 * FAULT_STATE.RING_SIZE);
+    faultStateCache = view(addr, FAULT_STATE.RING_BYTE_OFFSET + 8 * ring);
+  }
+  return faultStateCache;
+}
+
+/** Whether the page holding `addr` is guarded now (needs faultGuardAvailable()). */
+export function faultGuarded(addr: number): boolean {
+  return (load({ library: BATCH, funcName: 'kvmmem_fault_guarded', retType: I32, paramsType: [U64], paramsValue: [addr] }) as number) === 1;
 }
 
 /**
