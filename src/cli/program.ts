@@ -13,7 +13,7 @@ import { ModelLab } from '../lab/model-lab.js';
 import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, resolveCookie, runCommand, withRam } from './common.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
-import { formatTable, runBench } from './bench.js';
+import { benchCommand } from './bench-command.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -171,18 +171,14 @@ export function buildProgram(): Command {
     }));
 
   program.command('bench')
-    .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes bench/results/latest.json and BENCHMARKS.md')
+    .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes latest.json and BENCHMARKS.md into --out')
     .option('--quick', 'smaller sizes and fewer repetitions (under a minute)')
     .option('--json', 'one JSON document instead of the table')
     .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale')
-    .option('--no-write', 'do not write bench/results/latest.json and BENCHMARKS.md')
-    .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --json > results.json')
-    .action((o) => runCommand(async () => {
-      const report = await runBench({ quick: !!o.quick, write: o.write !== false, ...(o.only ? { only: String(o.only).split(',').filter(Boolean) } : {}) });
-      const out = output(!!o.json);
-      out.say(formatTable(report));
-      out.result(report);
-    }));
+    .option('--out <dir>', 'where latest.json and BENCHMARKS.md go', 'kvmmem-bench')
+    .option('--no-write', 'do not write latest.json and BENCHMARKS.md')
+    .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')
+    .action((o) => runCommand(() => benchCommand(o)));
 
   return program;
 }
