@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as libc from '../src/sys/libc.js';
-import { ModelLab } from '../src/client/model-lab.js';
+import { ModelLab } from '../src/lab/model-lab.js';
 import { DeviceError } from '../src/errors.js';
 import { ModelHost } from '../src/model/index.js';
 
@@ -45,7 +45,8 @@ function child(code: string, env: Record<string, string> = {}) {
 
 const PRELUDE = `
   import * as fs from 'node:fs';
-  import { ModelLab, PhysicalReader, scan } from './src/index.js';
+  import { PhysicalReader, scan } from './src/index.js';
+  import { ModelLab } from './src/lab/index.js';
   import { GuestMemory } from './src/model/index.js';
   import * as faults from './src/sys/faults.js';
   const errOf = (e) => ({ name: e.name, code: e.code, errno: e.errno, message: e.message });
@@ -201,7 +202,7 @@ test('an unguarded SIGBUS still kills the process as before (the handler passes 
   const code = (how: string) => `
     import * as fs from 'node:fs';
     import * as libc from './src/sys/libc.js';
-    import { ModelLab } from './src/index.js';
+    import { ModelLab } from './src/lab/index.js';
     import { GuestMemory } from './src/model/index.js';
     // Install the guard: one guarded MAP of a file-backed guest.
     const memory = GuestMemory.fromFile(process.env.RAM);

@@ -22,7 +22,7 @@ const MAY_IMPORT: Record<string, readonly string[]> = {
   channel: ['errors', 'abi', 'sys'],
   model: ['errors', 'abi', 'sys', 'device'],
   client: ['errors', 'abi', 'sys', 'device', 'channel'],
-  inspect: ['errors', 'abi', 'client'],
+  inspect: ['errors', 'abi', 'sys', 'client'], // sys: the guest-memory fault watch (sys/faults.ts)
   os: ['errors', 'abi', 'client', 'inspect'],
   yara: ['errors', 'abi', 'client', 'inspect', 'os'],
   live: ['errors', 'abi', 'sys', 'client', 'channel'],
