@@ -26,11 +26,15 @@ import { debuglog } from 'node:util';
 import * as libc from '../sys/libc.js';
 import { ERRNO } from '../abi/errno.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, decodeIoctl, IOC_WRITE } from '../abi/ioctl.js';
-import { MEM_MAP_SIZE, PAGE_SIZE } from '../abi/structs.js';
+import { KVMI_MEM_MAP_LAYOUT, MEM_MAP_SIZE, PAGE_SIZE } from '../abi/structs.js';
 import { DeviceError } from '../errors.js';
 import type { IoctlArg } from '../device/device.js';
 import type { ModelHost } from './host.js';
 import { USER_LIMIT, copy_from_user, pageOf, pageState, type PageState } from './uaccess.js';
+
+/** kvmi_mem_map field offsets, from the ABI's layout (records are read in place). */
+const MAP_GPA = KVMI_MEM_MAP_LAYOUT.fields.gpa.offset;
+const MAP_GVA = KVMI_MEM_MAP_LAYOUT.fields.gva.offset;
 
 const debug = debuglog('kvmmem');
 const { EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
@@ -62,7 +66,7 @@ function prefetchStates(args: Uint8Array, stride: number, count: number): Uint8A
   const pages = new Float64Array(count);
   let m = 0, ordered = true;
   for (let i = 0; i < count; i++) {
-    const at = i * stride + 40; // kvmi_mem_map.gva
+    const at = i * stride + MAP_GVA;
     if (at + 8 > args.length) break;
     const hi = u32(args, at + 4);
     if (hi >= 0x8000) continue; // access_ok fails (>= 2^47)
@@ -471,19 +475,19 @@ export class KvmiMemDriver {
   /**
    * C: static long kvm_dev_ioctl_map(struct file_map *fmp, struct kvmi_mem_map *map)
    * `map` is the 48-byte struct kvmi_mem_map at `off` of `args`, read in place
-   * (token 0..31, gpa 32..39, gva 40..47, little-endian).
+   * (fields at KVMI_MEM_MAP_LAYOUT's offsets, little-endian).
    */
   #kvm_dev_ioctl_map(fmp: FileMap, args: Uint8Array, off: number): number {
-    const gvaHi = u32(args, off + 44);
+    const gvaHi = u32(args, off + MAP_GVA + 4);
     // C: if (!access_ok(VERIFY_READ, map->gva, PAGE_SIZE)) return -EINVAL;
     // C: if (!access_ok(VERIFY_WRITE, map->gva, PAGE_SIZE)) return -EINVAL;  (same range check on x86)
     if (gvaHi >= 0x8000) return -EINVAL;
-    const gva = gvaHi * 0x100000000 + u32(args, off + 40);
+    const gva = gvaHi * 0x100000000 + u32(args, off + MAP_GVA);
     if (gva + PAGE_SIZE > USER_LIMIT) return -EINVAL;
     // C: pmp = kmalloc(sizeof(struct page_map), GFP_KERNEL); pmp->gpa = map->gpa; pmp->vaddr = map->gva;
     // (the entry takes its slab slot at list_add_tail; an error path has nothing to free)
-    const gpaHi = u32(args, off + 36);
-    const gpa = gpaHi < 0x200000 ? gpaHi * 0x100000000 + u32(args, off + 32) : u64big(args, off + 32);
+    const gpaHi = u32(args, off + MAP_GPA + 4);
+    const gpa = gpaHi < 0x200000 ? gpaHi * 0x100000000 + u32(args, off + MAP_GPA) : u64big(args, off + MAP_GPA);
     // C: mutex_lock(&fmp->lock);
     fmp.lock.lock();
     try {
@@ -552,7 +556,7 @@ export class KvmiMemDriver {
     // C: paddr = page_to_phys(page); pmap->paddr = paddr;
     this.#paddr = page;
     // C: result = kvmi_arch_map_hc(&map_req->token, map_req->gpa, paddr);  = kvm_hypercall3(KVM_HC_MEM_MAP, ...)
-    // (the token is looked up where it lies: bytes off..off+31 of args)
+    // (the token is looked up where it lies: at off + KVMI_MEM_MAP_LAYOUT.fields.token.offset)
     const result = this.host._mapHcAt(args, off, gpa, page);
     if (IS_ERR_VALUE(result)) debug('kvmi: HC failed with result %d', result);
     // C: out: up_read(&current->mm->mmap_sem); return result;
