@@ -146,12 +146,12 @@ class LocalMemory {
     return v;
   }
 
-  /** A view of a range's window for copies inside the client; it must never escape. */
+  /** A view of a lease for copies inside the client; it must never escape (so the lease needs no quarantine). */
   internalView(lease: Lease): Buffer {
-    const w = lease.window!;
+    const w = lease.window ?? lease.slab!.window;
     let v = this.#internal.get(w);
     if (v === undefined) this.#internal.set(w, (v = libc.view(w.address, w.length)));
-    return v;
+    return lease.window !== null ? v : v.subarray(lease.address - w.address, lease.address - w.address + PAGE_SIZE);
   }
 
   /** The mapping behind a lease is gone (UNMAP, close, revocation, or it never mapped). */
@@ -310,6 +310,7 @@ class LocalMemory {
       }
       this.#slabs.delete(slab);
       this.#locked -= warm * PAGE_SIZE;
+      this.#internal.delete(slab.window);
       slab.window.free();
     }
   }

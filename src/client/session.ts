@@ -102,6 +102,15 @@ function unmapWhenCollected(session: WeakRef<Session>, rec: PageRecord | RangeRe
   };
 }
 
+/**
+ * A MappedPage/MappedRange collected before anyone asked for its buffer: no view
+ * exists, so nothing else keeps the mapping; unmap it (the address is then
+ * reusable at once). Once a view exists, its own collection decides (above).
+ */
+const dropped = new FinalizationRegistry<{ session: WeakRef<Session>; rec: PageRecord | RangeRecord }>(({ session, rec }) => {
+  if (!rec.lease.viewed) unmapWhenCollected(session, rec)();
+});
+
 const MAX_TOKENS_IN_FLIGHT = 4096;
 
 /** Checks SessionOptions before anything is opened (KvmMem.open calls it first). */
@@ -217,7 +226,8 @@ export class Session {
     this.#pages.set(lease.address, rec);
     idx.pages.add(rec);
     this.#stats.live++;
-    const page = new MappedPage(this, rec, localMemory.view(lease, unmapWhenCollected(this.#ref, rec)), pageOffset(want));
+    const page = new MappedPage(this, rec, this.#ref, pageOffset(want));
+    dropped.register(page, { session: this.#ref, rec });
     if (debug.enabled) debug('map vm=%s gpa=%s -> %s', vm.name, hex(base), hex(lease.address));
     return page;
   }
@@ -232,7 +242,8 @@ export class Session {
     const start = toAddress(gpa, 'gpa');
     checkLength('mapRange', start, length, false);
     const rec = await this.#mapRangeRecord(vm, start, length);
-    const range = new MappedRange(this, rec, localMemory.view(rec.lease, unmapWhenCollected(this.#ref, rec)), pageOffset(start), length);
+    const range = new MappedRange(this, rec, this.#ref, pageOffset(start), length);
+    dropped.register(range, { session: this.#ref, rec });
     if (debug.enabled) debug('mapRange vm=%s gpa=%s pages=%d -> %s', vm.name, hex(rec.gpa), rec.pages, hex(rec.lease.address));
     return range;
   }
@@ -719,14 +730,15 @@ abstract class Mapping implements Disposable {
 /** One mapped guest page: `buffer` is a live view of it (reads and writes are the guest's). */
 export class MappedPage extends Mapping {
   readonly #rec: PageRecord;
-  readonly #view: Buffer;
+  readonly #ref: WeakRef<Session>;
+  #view: Buffer | null = null;
   readonly #offset: number;
 
   /** @internal */
-  constructor(session: Session, rec: PageRecord, view: Buffer, offset: number) {
+  constructor(session: Session, rec: PageRecord, ref: WeakRef<Session>, offset: number) {
     super(session, rec);
     this.#rec = rec;
-    this.#view = view;
+    this.#ref = ref;
     this.#offset = offset;
   }
 
@@ -741,7 +753,11 @@ export class MappedPage extends Mapping {
    * Live 4 KiB view of the guest page. Kept after unmap() it reads zeros and
    * writes reach nobody; its address is not reused while the Buffer is reachable.
    */
-  get buffer(): Buffer { this.live(); return this.#view; }
+  get buffer(): Buffer {
+    this.live();
+    // Made on first use: a page whose buffer was never asked for has no view to wait for.
+    return (this.#view ??= localMemory.view(this.#rec.lease, unmapWhenCollected(this.#ref, this.#rec)));
+  }
 
   /** Copies bytes out of the page. */
   read(offset = 0, length = PAGE_SIZE - offset): Buffer {
@@ -749,7 +765,7 @@ export class MappedPage extends Mapping {
     if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
       throw new UsageError(`read: [${offset}, ${offset + length}) is not inside the page (0..${PAGE_SIZE})`);
     }
-    return Buffer.from(this.#view.subarray(offset, offset + length));
+    return Buffer.from(localMemory.internalView(this.#rec.lease).subarray(offset, offset + length));
   }
 
   /** @internal */
@@ -761,17 +777,23 @@ export class MappedPage extends Mapping {
 /** Consecutive guest pages mapped into one contiguous local window. */
 export class MappedRange extends Mapping {
   readonly #rec: RangeRecord;
-  readonly #window: Buffer;
+  readonly #ref: WeakRef<Session>;
+  #view: Buffer | null = null;
   readonly #offset: number;
   readonly #length: number;
 
   /** @internal */
-  constructor(session: Session, rec: RangeRecord, window: Buffer, offset: number, length: number) {
+  constructor(session: Session, rec: RangeRecord, ref: WeakRef<Session>, offset: number, length: number) {
     super(session, rec);
     this.#rec = rec;
-    this.#window = window;
+    this.#ref = ref;
     this.#offset = offset;
     this.#length = length;
+  }
+
+  /** The window's one view, made on first use (see MappedPage.buffer). */
+  get #window(): Buffer {
+    return (this.#view ??= localMemory.view(this.#rec.lease, unmapWhenCollected(this.#ref, this.#rec)));
   }
 
   /** The gpa asked for (not rounded). */
@@ -788,6 +810,16 @@ export class MappedRange extends Mapping {
   get buffer(): Buffer {
     this.live();
     return this.#window.subarray(this.#offset, this.#offset + this.#length);
+  }
+
+  /**
+   * @internal A live view of [gpa, gpa + length) for code of this library that
+   * reads it synchronously and keeps no reference (scan): no view is handed
+   * out, so the window is reused at once after unmap.
+   */
+  _peek(): Buffer {
+    this.live();
+    return localMemory.internalView(this.#rec.lease).subarray(this.#offset, this.#offset + this.#length);
   }
 
   /** Live view of the i-th whole page of the range. */

@@ -280,7 +280,7 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
         // Ask for the next chunk first: its token round trips overlap this search.
         if (i + 1 < chunks) next = mapChunk(i + 1);
         if (verify) watch.verify('scan');
-        feed(cur.range.buffer, s);
+        feed(cur.range._peek(), s); // the matchers copy what they keep: no view leaves the scan
         watch.check('scan');
         cur.range.unmap();
         held = null;
