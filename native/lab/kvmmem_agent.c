@@ -34,6 +34,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "scm.h"
 #include "kvmmem_agent.h"
 
 #define PAGE ((uint64_t)KVMMEM_AGENT_PAGE)
@@ -651,22 +652,7 @@ static void accept_client(void)
 
 static int send_ivs(int fd, int64_t v, int pass_fd)
 {
-	struct iovec iov = { &v, sizeof v };
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} cm;
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-	if (pass_fd >= 0) {
-		m.msg_control = cm.buf;
-		m.msg_controllen = sizeof cm.buf;
-		struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-		h->cmsg_level = SOL_SOCKET;
-		h->cmsg_type = SCM_RIGHTS;
-		h->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(h), &pass_fd, sizeof(int));
-	}
-	return sendmsg(fd, &m, MSG_NOSIGNAL) == (ssize_t)sizeof v ? 0 : -1;
+	return kvmmem_send_with_fd(fd, &v, sizeof v, pass_fd);
 }
 
 /* QEMU's ivshmem-doorbell connected: the setup of ivshmem-spec.txt. */

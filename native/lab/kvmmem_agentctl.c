@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "scm.h"
 #include "kvmmem_agent.h"
 
 static int sock_connect(const char *path)
@@ -42,22 +43,7 @@ static int sock_connect(const char *path)
 
 static int send_req(int fd, const struct kvmmem_agent_req *q, int pass_fd)
 {
-	struct iovec iov = { (void *)q, sizeof *q };
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} cm;
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-	if (pass_fd >= 0) {
-		m.msg_control = cm.buf;
-		m.msg_controllen = sizeof cm.buf;
-		struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-		h->cmsg_level = SOL_SOCKET;
-		h->cmsg_type = SCM_RIGHTS;
-		h->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(h), &pass_fd, sizeof(int));
-	}
-	return sendmsg(fd, &m, MSG_NOSIGNAL) == (ssize_t)sizeof *q ? 0 : -1;
+	return kvmmem_send_with_fd(fd, q, sizeof *q, pass_fd);
 }
 
 /* Read one response (skipping events); fds received go to fds[0..*nfds). */

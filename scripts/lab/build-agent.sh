@@ -29,7 +29,7 @@ done
 command -v "$CC" >/dev/null 2>&1 || die "no C compiler '$CC'"
 command -v sha256sum >/dev/null 2>&1 || die "sha256sum missing"
 
-FILES=("$SRC/kvmmem_agent.h" "$SRC/kvmmem_agent.c" "$SRC/kvmmem_agentctl.c" "$SRC/test/probe.c" "$HERE/build-agent.sh")
+FILES=("$SRC/kvmmem_agent.h" "$SRC/scm.h" "$SRC/kvmmem_agent.c" "$SRC/kvmmem_agentctl.c" "$SRC/test/probe.c" "$HERE/build-agent.sh")
 HASH="$( { cat "${FILES[@]}"; "$CC" -dumpfullversion 2>/dev/null || "$CC" --version; } | sha256sum | cut -c1-16)"
 OUT="$DIR/agent/$HASH"
 mkdir -p "$DIR/agent"
