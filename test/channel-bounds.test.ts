@@ -19,9 +19,9 @@ import {
 } from '../src/abi/kvmi.js';
 import { KvmmemError } from '../src/errors.js';
 import {
-  ChannelLimitError, DEFAULT_LIMITS, IntrospectionServer, ProtocolError, RawSocketListener, VmGoneError,
-  type ChannelLimits, type Vm, type VmGoneInfo,
+  ChannelLimitError, DEFAULT_LIMITS, IntrospectionServer, ProtocolError, VmGoneError, type ChannelLimits, type Vm, type VmGoneInfo,
 } from '../src/channel/index.js';
+import { RawSocketListener } from '../src/channel/rawfd.js';
 import { poller } from '../src/channel/rawfd.js';
 import { KvmMem } from '../src/client/index.js';
 import { ModelHost } from '../src/model/index.js';

@@ -18,8 +18,9 @@ import {
   encodeMapTokenReply, encodeMsgHdr, encodeEvent, type KvmiFrame,
 } from '../src/abi/kvmi.js';
 import {
-  IntrospectionServer, ProtocolError, RawSocketListener, VmGoneError, type RejectedInfo, type Vm, type VmGoneInfo,
+  IntrospectionServer, ProtocolError, VmGoneError, type RejectedInfo, type Vm, type VmGoneInfo,
 } from '../src/channel/index.js';
+import { RawSocketListener } from '../src/channel/rawfd.js';
 import { poller } from '../src/channel/rawfd.js';
 
 const IDS = KVMI_IDS.v6;

@@ -18,9 +18,10 @@ import { ERRNO } from '../src/abi/errno.js';
 import { SyscallError } from '../src/errors.js';
 import * as libc from '../src/sys/libc.js';
 import {
-  IntrospectionServer, KvmiError, ProtocolError, RawSocketListener, TimeoutError, VmGoneError, startTimeToDate,
-  type IntrospectionServerOptions, type RejectedInfo, type Vm, type VmGoneInfo,
+  IntrospectionServer, KvmiError, ProtocolError, TimeoutError, VmGoneError, type IntrospectionServerOptions, type RejectedInfo, type Vm, type VmGoneInfo,
 } from '../src/channel/index.js';
+import { RawSocketListener } from '../src/channel/rawfd.js';
+import { startTimeToDate } from '../src/channel/vm.js';
 import { poller } from '../src/channel/rawfd.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kvmmem-channel-'));
@@ -630,7 +631,7 @@ async function rawPair(t: { teardown(fn: () => void): void }) {
   const conn = once(l, 'connection');
   const client = net.connect(path);
   await once(client, 'connect');
-  const [duplex] = await within(conn, 2000, 'accept') as [import('../src/channel/index.js').RawFdDuplex];
+  const [duplex] = await within(conn, 2000, 'accept') as [import('../src/channel/rawfd.js').RawFdDuplex];
   return { client, duplex };
 }
 

@@ -2,9 +2,8 @@
 // introspected VM, tokens over its connection. See server.ts and vm.ts.
 export { IntrospectionServer } from './server.js';
 export type { BoundAddress, IntrospectionServerOptions, ListenAddress, RejectedInfo, VmFilter } from './server.js';
-export { Vm, formatUuid, startTimeToDate, DEFAULT_LIMITS, HOST_TOKEN_LIMIT, MAX_EVENT_BODY, MAX_PIPELINE } from './vm.js';
+export { Vm, DEFAULT_LIMITS } from './vm.js';
 export type { ChannelLimits, RequestOptions, VmEventInfo, VmGoneInfo, VmOptions, VmState, VmUnhookInfo } from './vm.js';
 export { ChannelLimitError, KvmiError, PeerRefusedError, ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
 export type { ChannelLimitName } from './errors.js';
-export { RawFdDuplex, RawSocketListener } from './rawfd.js';
-export type { RawListenerAddress } from './rawfd.js';
+// The raw-fd transport (RawFdDuplex, RawSocketListener) and the protocol's constants are internals.
