@@ -187,6 +187,7 @@ export function pageSize(): number {
  * bigint is passed as the argument value itself (as KVM_INTRO_MEM_UNMAP wants).
  */
 export function ioctlRaw(fd: number, request: number, arg: Uint8Array | number | bigint): number {
+  if (checked !== true) selfChecked();
   let v: number;
   if (errnoLive) {
     if (typeof arg === 'number') {
@@ -331,6 +332,7 @@ export function view(addr: number, length: number): Buffer {
   if (!Number.isSafeInteger(length) || length <= 0 || length > MAX_VIEW_BYTES) {
     throw new RangeError(`view: length ${length} is outside 1..${MAX_VIEW_BYTES} (a single view is at most 4 GiB)`);
   }
+  if (checked !== true) selfChecked();
   return createExternalBuffer(externalAt(addr), length);
 }
 
@@ -357,7 +359,7 @@ function selfCheck(): void {
   const len = pageSize();
   const addr = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   try {
-    const v = view(addr, len);
+    const v = createExternalBuffer(externalAt(addr), len);
     memsetAt(addr, 0x5a, 16);
     v[1] = 0xa5;
     const expect = Buffer.alloc(16, 0x5a);
@@ -375,10 +377,24 @@ function selfCheck(): void {
     munmap(addr, len);
   }
 }
-selfCheck();
+// Run on first use (the first view or ioctl), not on import: importing kvmmem
+// costs no native calls, and a runtime without live views fails where views are needed.
+let checked: true | Error | false = false;
+function selfChecked(): void {
+  if (checked === false) {
+    try {
+      selfCheck();
+      checked = true;
+    } catch (e) {
+      checked = e as Error;
+    }
+  }
+  if (checked !== true) throw checked;
+}
 
 /** Whether errno is read from the live view (fast) or via ffi-rs's errno option. */
 export function errnoMode(): 'live-view' | 'ffi-rs' {
+  selfChecked();
   return errnoLive ? 'live-view' : 'ffi-rs';
 }
 
