@@ -114,3 +114,17 @@ test('bad input: one line on stderr and exit 2', (t) => {
   t.regex(h.stdout, /Examples:/);
   t.regex(kvmmem('--help').stdout, /Exit codes:/);
 });
+
+test('every command prints its --help (and `help CMD`), exit 0, with its examples', async (t) => {
+  const { buildProgram } = await import('../src/cli/program.js');
+  const names = buildProgram().commands.map((c) => c.name()).filter((n) => n !== 'help');
+  t.true(names.length >= 6, `commands: ${names.join(', ')}`);
+  for (const name of names) {
+    for (const args of [[name, '--help'], ['help', name]]) {
+      const r = kvmmem(...args);
+      t.is(r.code, 0, `kvmmem ${args.join(' ')}: ${r.stderr.split('\n')[0]}`);
+      t.regex(r.stdout, new RegExp(`Usage: kvmmem ${name}`), `kvmmem ${args.join(' ')} prints its usage`);
+      t.regex(r.stdout, /Examples:/, `kvmmem ${args.join(' ')} has examples`);
+    }
+  }
+});

@@ -122,7 +122,8 @@ export function buildProgram(): Command {
       return [...(prev ?? []), Number(v)];
     })
     .option('--model', 'test the built-in model instead of a real device')
-    .option('--gpa <addr>', 'guest page to use (must be RAM)', parseAddress, 0x100000n)
+    // A bigint default needs its text for --help (commander would JSON.stringify it and throw).
+    .addOption(new Option('--gpa <addr>', 'guest page to use (must be RAM)').argParser(parseAddress).default(0x100000n, '0x100000'))
     .option('--wait <seconds>', 'how long to wait for a VM to connect', (v) => parseCount(v), 60)
     .option('--json', 'one JSON document')
     .addHelpText('after', `\nChecks:\n${SELFTEST_CHECKS.map((c) => `  ${c.name.padEnd(24)}${c.what}`).join('\n')}\n\nExamples:\n  kvmmem selftest --model\n  kvmmem selftest --device /dev/kvmmem --listen vsock:1234 --cookie-file /etc/kvmi.cookie\n  KVMMEM_COOKIE=secret kvmmem selftest --device /dev/kvmmem --listen unix:/run/kvmi.sock --gpa 0x200000`)
