@@ -191,7 +191,10 @@ function patternOf(o: { pattern?: string; hex?: string }): string | Buffer {
   }
   if (o.hex !== undefined) {
     const h = o.hex.replace(/^0x/i, '').replace(/[\s:]/g, '');
-    if (h.length === 0 || h.length % 2 !== 0 || !/^[0-9a-f]+$/i.test(h)) throw new CliUsageError(`--hex '${o.hex}' is not an even number of hex digits`);
+    if (h.length === 0) throw new CliUsageError('--hex must not be empty');
+    const bad = /[^0-9a-f]/i.exec(h);
+    if (bad) throw new CliUsageError(`--hex '${o.hex}': '${bad[0]}' is not a hex digit`);
+    if (h.length % 2 !== 0) throw new CliUsageError(`--hex '${o.hex}' is an odd number of hex digits (two per byte)`);
     return Buffer.from(h, 'hex');
   }
   throw new CliUsageError('scan: give --pattern TEXT or --hex HEX');
