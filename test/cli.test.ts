@@ -130,7 +130,8 @@ test('every command prints its --help (and `help CMD`), exit 0, with its example
 });
 
 test('--hex says what is wrong with it: a non-hex digit, empty, odd length (one line, exit 2)', (t) => {
-  const ram = ramWithGuest('hex.ram', 4);
+  const { path: ram, mem } = ramWithGuest('hex.ram', 16);
+  t.teardown(() => mem.close());
   for (const [hex, re] of [['zz', /'z' is not a hex digit/], ['0g', /'g' is not a hex digit/], ['', /must not be empty/], ['abc', /odd number of hex digits/]] as const) {
     const r = kvmmem('scan', '--ram', ram, '--hex', hex);
     t.is(r.code, 2, `--hex '${hex}'`);
