@@ -139,3 +139,16 @@ test('--hex says what is wrong with it: a non-hex digit, empty, odd length (one 
     t.is(r.stderr.trim().split('\n').length, 1, 'one line');
   }
 });
+
+test('commander\'s own errors are one line, exit 2; no command at all is exit 2 with the help on stderr', (t) => {
+  for (const args of [['nosuch'], ['scan', '--pattern', 'x'], ['read', '--bogus']]) {
+    const r = kvmmem(...args);
+    t.is(r.code, 2, args.join(' '));
+    t.is(r.stderr.trim().split('\n').length, 1, `one line for ${args.join(' ')}: ${r.stderr}`);
+    t.regex(r.stderr, /^kvmmem: .*\(see kvmmem --help\)$/m);
+  }
+  const none = kvmmem();
+  t.is(none.code, 2);
+  t.regex(none.stderr, /Usage: kvmmem/);
+  t.is(none.stdout, '');
+});

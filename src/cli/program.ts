@@ -25,7 +25,8 @@ export function buildProgram(): Command {
   const program = new Command('kvmmem')
     .description('Map other VMs\' guest-physical memory through /dev/kvmmem (KVMI), or through the built-in hypercall model.')
     .version(process.env.npm_package_version ?? '0.1.0')
-    .showHelpAfterError('(run with --help for usage)')
+    // Commander's own errors in one line, as every other bad input.
+    .configureOutput({ outputError: (str, write) => write(`kvmmem: ${str.trim().replace(/^error: /, '')} (see kvmmem --help)\n`) })
     .addHelpText('after', EXIT_HELP)
     .exitOverride();
 
@@ -210,6 +211,11 @@ function parseListen(v: string): { unix: string } | { vsock: number } {
 /** Runs the CLI; resolves with the exit code (commander's own errors become exit 2). */
 export async function run(argv: string[]): Promise<number> {
   const program = buildProgram();
+  if (argv.length <= 2) {
+    // No command is bad input like a missing option: the help on stderr, exit 2.
+    program.outputHelp({ error: true });
+    return EXIT.USAGE;
+  }
   try {
     await program.parseAsync(argv);
   } catch (e) {
