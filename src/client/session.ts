@@ -758,6 +758,11 @@ export class MappedPage extends Mapping {
     // Made on first use: a page whose buffer was never asked for has no view to wait for.
     return (this.#view ??= localMemory.view(this.#rec.lease, unmapWhenCollected(this.#ref, this.#rec)));
   }
+  /** @internal The whole page, live, for code of this library that keeps no reference (scan): see MappedRange._peek(). */
+  _peek(): Buffer {
+    this.live();
+    return localMemory.internalView(this.#rec.lease);
+  }
 
   /** Copies bytes out of the page. */
   read(offset = 0, length = PAGE_SIZE - offset): Buffer {
