@@ -204,6 +204,35 @@ if (!avail.ok) {
     // keep them mapped: the next test checks that closing the session releases them
   });
 
+  test.serial('live: yaraScan finds exactly what YARA-X finds in the RAM file (guest paused for an exact image)', async (t) => {
+    t.timeout(90_000);
+    const l = live!;
+    const { compileRules, yaraScan } = await import('../src/yara/index.js');
+    const { compile } = await import('@litko/yara-x');
+    const src = `rule banner { strings: $b = "${l.target.truth.banner.slice(0, 40).replace(/["\\]/g, '\\$&')}" condition: $b }
+      rule marker { strings: $m = /LABMARK-[0-9]{6}/ condition: $m }`;
+    await l.target.qmp('stop');
+    try {
+      const before = l.host.stats().mappings;
+      const t0 = Date.now();
+      const res = await yaraScan(l.session, l.vm, compileRules(src), { to: l.end });
+      const ms = Date.now() - t0;
+      // The same engine over the file itself, region by region (the VGA/BIOS window is a hole).
+      const want: string[] = [];
+      for (const r of l.memory.regions) {
+        const buf = fileRead(l.target.ramPath, r.fileOffset, Number(r.size));
+        for (const m of compile(src).scan(buf)) for (const x of m.matches) want.push(`${m.ruleIdentifier}@${(r.gpa + BigInt(x.offset)).toString(16)}+${x.length}`);
+      }
+      const got = res.hits.map((h) => `${h.rule}@${h.gpa.toString(16)}+${h.length}`);
+      t.log(`yara over ${Number(l.end) >> 20} MiB: ${res.hits.length} hits (${res.rules.map((r) => `${r.rule} ${r.hits}`).join(', ')}) in ${ms} ms`);
+      t.deepEqual(got.sort(), want.sort());
+      t.true(res.rules.some((r) => r.rule === 'banner'));
+      t.is(l.host.stats().mappings, before, 'the scan left nothing mapped');
+    } finally {
+      await l.target.qmp('cont');
+    }
+  });
+
   test.serial('live: after session.close() the host holds zero mappings', async (t) => {
     const l = live!;
     t.true(l.host.stats().mappings > 0, `pages are mapped before (${l.host.stats().mappings})`);

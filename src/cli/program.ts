@@ -14,6 +14,7 @@ import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progres
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
+import { registerYara } from './yara.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -70,6 +71,8 @@ export function buildProgram(): Command {
         return r.matches.length > 0 ? EXIT.OK : EXIT.FAILED;
       });
     }));
+
+  registerYara(program);
 
   program.command('read')
     .description('read guest-physical memory from a guest RAM file (xxd-style hex dump)')
