@@ -20,12 +20,13 @@ import { formatTable, writeReport } from './report.js';
 import { benchScale } from './scale.js';
 import { benchScan } from './scan.js';
 import { benchTokens } from './tokens.js';
+import { benchYara } from './yara.js';
 
 export type { BenchOptions, BenchReport, Row, Stat } from './harness.js';
 export { formatTable, markdown, writeReport, type ReportPaths } from './report.js';
 
 const GROUPS: Record<string, Group> = {
-  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale,
+  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, yara: benchYara,
 };
 
 /** The groups, in the order a full run takes them. */
