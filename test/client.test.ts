@@ -136,6 +136,27 @@ test('a session asking for more tokens than the host allows backs off to the lim
   s.close();
 });
 
+test('maxTokensInFlight above a v6 host\'s limit is clamped to it once seen: as few round trips as the default', async (t) => {
+  const l = await lab([{ name: 'g1', memory: 32 * MiB }]);
+  t.teardown(() => l.close());
+  const pages = 2048;
+  const rounds = async (maxTokensInFlight: number) => {
+    const s = l.open({ maxTokensInFlight });
+    for (let i = 0; i < 3; i++) (await s.mapRange(l.vm('g1'), 0n, pages * PS)).unmap();
+    const st = { ...s.stats };
+    s.close();
+    return st;
+  };
+  const dflt = await rounds(8);
+  const big = await rounds(256);
+  t.is(dflt.tokensRefused, 0);
+  t.is(dflt.tokenRoundTrips, 3 * pages / 8);
+  // the first batch learns the limit (8 granted, the rest refused); every later batch asks for 8
+  t.true(big.tokensRefused <= 256, `refused ${big.tokensRefused}`);
+  t.true(big.tokenRoundTrips <= dflt.tokenRoundTrips + 2, `round trips ${big.tokenRoundTrips} vs ${dflt.tokenRoundTrips}`);
+  t.is(l.host.stats().mappings, 0);
+});
+
 test('an expired token (ENOENT) is replaced once; a second failure is a typed error', async (t) => {
   let clock = 1_000_000;
   const l = await lab(undefined, { now: () => clock });

@@ -158,6 +158,8 @@ interface Batch {
   readonly chunk: Int32Array;
   readonly got: Promise<(Uint8Array | Error)[]>;
   grant: number;
+  /** Tokens of this VM that other batches of ours held when this one got its turn. */
+  readonly others: number;
 }
 
 function giveBack(job: MapJob, b: Batch): void {
@@ -466,10 +468,11 @@ export class Session {
       tries: new Uint32Array(count),
       flags: new Uint8Array(count),
       t0: Date.now(),
-      budget: this.options.maxTokensInFlight,
+      budget: 0,
       share: this.#index(vm).share,
       lastTransient: null,
     };
+    job.budget = job.share.budgetFor(this.options.maxTokensInFlight);
     let pending = new Int32Array(count);
     for (let i = 0; i < count; i++) pending[i] = i;
     let delay = 1;
@@ -525,9 +528,11 @@ export class Session {
         this.#aliveOrThrow(job.vm, job.alive);
         const n = this.#encodeRecords(job, batch.chunk, got, retry, pass);
         if (n < batch.chunk.length && job.budget > 1) {
-          // Over the host's limit (someone else holds tokens of this VM too): shrink, and
-          // stop issuing in this pass (what is in flight is still used; the rest goes round again).
-          job.budget = Math.max(1, n);
+          // Over the host's limit (or someone else holds tokens of this VM too): shrink to the
+          // limit measured, and stop issuing in this pass (what is in flight is still used; the
+          // rest goes round again).
+          const limit = job.share.refused(batch.others, n, batch.chunk.length, this.options.maxTokensInFlight);
+          job.budget = Math.max(1, Math.min(job.budget, Number.isFinite(limit) ? limit : n));
           for (let k = off; k < pending.length; k++) retry.push(pending[k]!);
           off = pending.length;
         }
@@ -552,13 +557,15 @@ export class Session {
 
   /** Waits for the batch's turn in the VM's budget, then asks for its tokens (one write, pipelined replies). */
   #requestTokens(job: MapJob, chunk: Int32Array): Batch {
+    let others = 0;
     // A TargetVm that throws instead of rejecting lands in the same rejection.
-    const got = job.share.acquire(chunk.length).then(() => {
+    const got = job.share.acquire(chunk.length).then((held) => {
+      others = held;
       this.#aliveOrThrow(job.vm, job.alive);
       return job.vm.getMapTokensSettled(chunk.length);
     });
     got.catch(noop); // awaited by the pass; never an unhandled rejection if it throws first
-    return { chunk, got, grant: chunk.length };
+    return { chunk, got, grant: chunk.length, get others() { return others; } };
   }
 
   /**
