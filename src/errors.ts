@@ -21,6 +21,8 @@ export class KvmmemError extends Error {
   readonly syscall?: string;
   readonly path?: string;
   readonly hint?: string;
+  /** The guest-physical address an operation failed at, when it failed at one (set by the session). */
+  readonly gpa?: bigint;
 
   constructor(message: string, details: ErrorDetails) {
     super(details.hint ? `${message}: ${details.hint}` : message, details.cause === undefined ? undefined : { cause: details.cause });

@@ -157,6 +157,32 @@ test('maxTokensInFlight above a v6 host\'s limit is clamped to it once seen: as 
   t.is(l.host.stats().mappings, 0);
 });
 
+test('readInto reads up to the first page that cannot be mapped and names it; read() names the gpa in its error', async (t) => {
+  const M = BigInt(MiB);
+  const mem = GuestMemory.anonymous(4n * M, { regions: [{ gpa: 0n, size: M, fileOffset: 0n }, { gpa: 2n * M, size: 2n * M, fileOffset: 2n * M }] });
+  const l = await ModelLab.start({ vms: [{ name: 'h', memory: mem }] });
+  t.teardown(async () => { await l.close(); mem.close(); });
+  mem.write(M - 100n, Buffer.from('tail-of-ram'));
+  const s = l.open();
+  const into = Buffer.alloc(8192, 0xee);
+  const r = await s.readInto(l.vm('h'), M - 100n, into);
+  t.is(r.bytesRead, 100);
+  t.is(r.error?.code, 'EFAULT');
+  t.is(r.error?.gpa, M);
+  t.regex(r.error!.message, /^gpa 0x100000 of vm h: /);
+  t.is(into.subarray(0, 11).toString(), 'tail-of-ram');
+  t.is(into[100], 0xee, 'nothing written past what was read');
+  const whole = await s.readInto(l.vm('h'), 2n * M, Buffer.alloc(5000));
+  t.deepEqual([whole.bytesRead, whole.error], [5000, null]);
+  const none = await s.readInto(l.vm('h'), M + 5n, Buffer.alloc(10));
+  t.is(none.bytesRead, 0);
+  t.is(none.error?.gpa, M);
+  const e = await t.throwsAsync(s.read(l.vm('h'), M - 100n, 8192));
+  t.regex(e!.message, /gpa 0x100000 of vm h/);
+  t.is(l.host.stats().mappings, 0, 'nothing left mapped');
+  s.close();
+});
+
 test('an expired token (ENOENT) is replaced once; a second failure is a typed error', async (t) => {
   let clock = 1_000_000;
   const l = await lab(undefined, { now: () => clock });

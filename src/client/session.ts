@@ -162,6 +162,16 @@ interface Batch {
   readonly others: number;
 }
 
+/** Names the page item i of a job failed at: `gpa` on the error, and at the head of its message. */
+function failedAt<E extends Error>(e: E, job: MapJob, i: number): E {
+  if (e instanceof KvmmemError && e.gpa === undefined) {
+    const gpa = job.gpa0 + BigInt(i * PAGE_SIZE);
+    Object.defineProperty(e, 'gpa', { value: gpa, enumerable: true });
+    e.message = `gpa ${hex(gpa)} of vm ${job.vm.name}: ${e.message}`;
+  }
+  return e;
+}
+
 function giveBack(job: MapJob, b: Batch): void {
   if (b.grant > 0) {
     job.share.release(b.grant);
@@ -264,6 +274,44 @@ export class Session {
     } finally {
       this._unmapRange(rec, 'unmapped');
     }
+  }
+
+  /**
+   * Reads guest memory at `gpa` into `target` as far as it can be read, as
+   * LibVMI's `bytes_read`: resolves to how many bytes were copied (from the
+   * start, up to the first page that could not be mapped) and that page's
+   * error (its `gpa` set), or null when all of `target` was filled. Never
+   * rejects for an unreadable page; bad arguments still throw.
+   */
+  async readInto(vm: TargetVm, gpa: AddressLike, target: Uint8Array): Promise<{ bytesRead: number; error: KvmmemError | null }> {
+    assertTargetVm(vm, 'readInto');
+    const start = toAddress(gpa, 'gpa');
+    if (!(target instanceof Uint8Array)) throw new UsageError(`readInto: target must be a Buffer or Uint8Array, got ${target === null ? 'null' : typeof target}`);
+    checkLength('readInto', start, target.length, true);
+    let want = target.length;
+    let error: KvmmemError | null = null;
+    // Map it all; on a failure at page p, read up to p (which may fail lower down: go again).
+    while (want > 0) {
+      try {
+        const rec = await this.#mapRangeRecord(vm, start, want);
+        try {
+          const off = pageOffset(start);
+          target.set(localMemory.internalView(rec.lease).subarray(off, off + want));
+        } finally {
+          this._unmapRange(rec, 'unmapped');
+        }
+        return { bytesRead: want, error };
+      } catch (e) {
+        if (!(e instanceof KvmmemError)) throw e;
+        error = e;
+        const at = e.gpa;
+        if (at === undefined || at <= start) return { bytesRead: 0, error };
+        const upTo = Number(at - start);
+        if (upTo >= want) return { bytesRead: 0, error };
+        want = upTo;
+      }
+    }
+    return { bytesRead: 0, error };
   }
 
   /** Writes `data` (a Buffer or any Uint8Array; not a string) into guest memory at `gpa` (any alignment, page crossings handled). */
@@ -638,8 +686,8 @@ export class Session {
         retry.push(i);
       } else {
         fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
-          ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, job.tries[i]!, Date.now() - job.t0, this.device.error(KVM_INTRO_MEM_MAP, r))
-          : job.vm.state !== 'connected' ? vmGoneError(job.vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
+          ? failedAt(new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, job.tries[i]!, Date.now() - job.t0, this.device.error(KVM_INTRO_MEM_MAP, r)), job, i)
+          : job.vm.state !== 'connected' ? vmGoneError(job.vm) : failedAt(this.device.error(KVM_INTRO_MEM_MAP, r), job, i);
       }
     }
     this.#stats.maps += mapped;
