@@ -33,7 +33,7 @@ export async function runDemo(out: Output, opts: DemoOptions): Promise<number> {
     const end = BigInt(opts.memoryMiB) << 20n;
 
     // 1. Scan all of guest-physical memory for the banner, zero-copy.
-    const bar = progressBar(out.json, Number(end), 'bytes');
+    const bar = progressBar(out.json, Number(end));
     const found = await scan(session, vm, 'Linux version ', { to: end, onProgress: (p) => bar.update(p.done, `${p.matches} matches`) });
     bar.stop();
     const reader = new PhysicalReader(session, vm, { cachePages: 64 });

@@ -56,7 +56,7 @@ export function registerYara(program: Command): void {
         const from: bigint = o.from ?? 0n;
         if (to > ram.end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${o.ram} (${hex(ram.end)})`);
         if (from >= to) throw new CliUsageError(`--from ${hex(from)} must be below --to ${hex(to)}`);
-        const bar = progressBar(out.json, Number(to - from), 'bytes');
+        const bar = progressBar(out.json, Number(to - from));
         const t0 = performance.now();
         const r = await y.yaraScan(ram.session, ram.vm, rules, {
           from, to,

@@ -399,6 +399,7 @@ export class Session {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
     const r = this.#unmapOne(rec.lease.address);
+    if (debug.enabled) debug('unmap vm=%s gpa=%s (%s)%s', rec.vm.name, hex(rec.gpa), why, r < 0 ? ` -> errno ${-r}` : '');
     rec.dead = why;
     this.#pages.delete(rec.lease.address);
     this.#byVm.get(rec.vm)?.pages.delete(rec);
@@ -411,6 +412,7 @@ export class Session {
   _unmapRange(rec: RangeRecord, why: Why): void {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
+    if (debug.enabled) debug('unmap vm=%s gpa=%s pages=%d (%s)', rec.vm.name, hex(rec.gpa), rec.live, why);
     let firstError = 0;
     if (rec.live > 0) {
       const { values, results } = this.#unmapScratch(rec.live);

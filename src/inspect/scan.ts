@@ -54,6 +54,8 @@ export interface ScanOptions {
   signal?: AbortSignal;
   /** Stop after this many matches. */
   maxMatches?: number;
+  /** Called with each match's gpa as it is found (before the scan ends). */
+  onMatch?: (gpa: bigint) => void;
 }
 
 export interface ScanResult {
@@ -366,11 +368,13 @@ export function walkOptions(session: Session, vm: TargetVm, fn: string, opts: { 
 /** Search [from, to) of `vm`'s guest-physical memory for `pattern`. */
 export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern, opts: ScanOptions): Promise<ScanResult> {
   const { from, to, chunkPages, maxMatches } = walkOptions(session, vm, 'scan', opts);
-  const { signal, onProgress } = opts;
+  const { signal, onProgress, onMatch } = opts;
+  if (onMatch !== undefined && typeof onMatch !== 'function') throw new UsageError('scan: onMatch must be a function');
   const total = to > from ? Number(to - from) : 0;
   const matches: bigint[] = [];
   let stopped = maxMatches === 0;
   const matcher = compilePattern(pattern, (gpa) => {
+    if (matches.length < maxMatches) onMatch?.(gpa);
     matches.push(gpa);
     if (matches.length >= maxMatches) stopped = true;
     return !stopped;
