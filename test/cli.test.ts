@@ -152,3 +152,21 @@ test('commander\'s own errors are one line, exit 2; no command at all is exit 2 
   t.regex(none.stderr, /Usage: kvmmem/);
   t.is(none.stdout, '');
 });
+
+test('bad input never shows a stack: demo --memory too big, selftest --gpa past RAM, translate --cr3 past the file (one line, exit 2)', (t) => {
+  const big = kvmmem('demo', '--memory', '10000000');
+  t.is(big.code, 2);
+  t.regex(big.stderr, /^kvmmem: demo: --memory 10000000 MiB is more than this machine can spare \(\d+ MiB available\)/);
+  const gpa = kvmmem('selftest', '--model', '--gpa', '0x100000000');
+  t.is(gpa.code, 2);
+  t.regex(gpa.stderr, /^kvmmem: selftest: --gpa 0x100000000 is past the model VM's 16 MiB/);
+  const ram = join(dir, 'small.ram');
+  writeFileSync(ram, Buffer.alloc(1 << 20));
+  const cr3 = kvmmem('translate', '--ram', ram, '--cr3', '0x2000000', '--va', '0xffffffff81000000');
+  t.is(cr3.code, 2);
+  t.regex(cr3.stderr, /^kvmmem: --cr3 0x2000000 is past the end of .*small\.ram \(0x100000\)/);
+  for (const r of [big, gpa, cr3]) {
+    t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    t.false(/\n\s+at /.test(r.stderr), 'no stack trace');
+  }
+});

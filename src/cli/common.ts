@@ -176,7 +176,10 @@ export async function runCommand(body: () => Promise<number | void>): Promise<vo
       process.stderr.write(`kvmmem: ${e.message}\n`);
       process.exitCode = EXIT.FAILED;
     } else {
-      process.stderr.write(`kvmmem: ${(e as Error)?.stack ?? String(e)}\n`);
+      // Not one of ours: still one line for the user; the stack only when debugging.
+      const debugging = /\bkvmmem\b/.test(process.env.NODE_DEBUG ?? '');
+      const text = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+      process.stderr.write(debugging && e instanceof Error ? `kvmmem: ${e.stack}\n` : `kvmmem: ${text.split('\n', 1)[0]} (an unexpected error: NODE_DEBUG=kvmmem shows its stack; please report it)\n`);
       process.exitCode = EXIT.FAILED;
     }
   }

@@ -107,6 +107,8 @@ export function buildProgram(): Command {
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       await withRam(o.ram, async (ram) => {
+        // A root past the file is bad input (as read's range), not a failed walk.
+        if (o.cr3 - (o.cr3 & 0xfffn) >= ram.end) throw new CliUsageError(`--cr3 ${hex(o.cr3)} is past the end of ${o.ram} (${hex(ram.end)}): give CR3 from this guest (QEMU: info registers)`);
         using reader = new PhysicalReader(ram.session, ram.vm, { cachePages: 16 });
         const tr = await new AddressSpace(reader, o.cr3, { levels: o.levels }).translate(o.va);
         out.say(`${hex(o.va)} -> ${hex(tr.gpa)} (${tr.pageSize} byte page; entries ${tr.entries.map(hex).join(' ')})`);
@@ -136,7 +138,9 @@ export function buildProgram(): Command {
       let results: CheckResult[];
       let target: string;
       if (o.model) {
-        const lab = await ModelLab.start({ vms: [{ name: 'selftest', memory: 16 * 2 ** 20 }] });
+        const memory = 16 * 2 ** 20;
+        if (o.gpa >= BigInt(memory)) throw new CliUsageError(`selftest: --gpa ${hex(o.gpa)} is past the model VM's ${memory >> 20} MiB of RAM (give a gpa below ${hex(memory)})`);
+        const lab = await ModelLab.start({ vms: [{ name: 'selftest', memory }] });
         try {
           const mvm = lab.modelVm('selftest');
           mvm.memory.write(o.gpa, Buffer.from('kvmmem selftest page: guest data'));
