@@ -131,6 +131,13 @@ export function validateSessionOptions(options: SessionOptions): Required<Sessio
   return o;
 }
 
+/**
+ * Whose pages a #mapItems call maps: one range's (its record says whether it
+ * is still wanted and collects what is mapped), or a single page (still
+ * wanted while `alive` says so).
+ */
+type MapOwner = { kind: 'range'; rec: RangeRecord } | { kind: 'page'; alive: (vm: TargetVm) => boolean };
+
 /** One #mapItems call: what it maps, and the state of every item. */
 interface MapJob {
   readonly vm: TargetVm;
@@ -227,7 +234,7 @@ export class Session {
     const idx = this.#index(vm);
     const lease = localMemory.takePage();
     try {
-      await this.#mapItems(vm, base, lease.address, 1, this.#pageAlive);
+      await this.#mapItems(vm, base, lease.address, 1, { kind: 'page', alive: this.#pageAlive });
     } catch (e) {
       localMemory.release(lease); // never viewed: reusable at once
       throw e;
@@ -344,7 +351,7 @@ export class Session {
     this.#ranges.add(rec);
     idx.ranges.add(rec);
     try {
-      await this.#mapItems(vm, first, lease.address, pages, rec);
+      await this.#mapItems(vm, first, lease.address, pages, { kind: 'range', rec });
     } catch (e) {
       if (rec.dead === null && !this.#closed) this._unmapRange(rec, 'unmapped');
       else this.#forgetRange(rec);
@@ -507,11 +514,11 @@ export class Session {
    * again (single pages here; a range through its record) and a typed error is
    * thrown.
    */
-  async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, target: RangeRecord | ((vm: TargetVm) => boolean)): Promise<void> {
-    const range = typeof target === 'function' ? null : target;
+  async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, owner: MapOwner): Promise<void> {
+    const range = owner.kind === 'range' ? owner.rec : null;
     const job: MapJob = {
       vm, gpa0, addr0, count, range,
-      alive: range === null ? target as (vm: TargetVm) => boolean : () => range.dead === null,
+      alive: owner.kind === 'page' ? owner.alive : () => owner.rec.dead === null,
       // gpa of page i = gpaHi * 2^32 + gpaLo + i * PAGE_SIZE, in exact numbers (no bigint per page)
       gpaHi: Number(gpa0 / BigInt(TWO32)),
       gpaLo: Number(gpa0 % BigInt(TWO32)),
