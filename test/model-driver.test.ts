@@ -15,35 +15,18 @@ import {
 import { ClosedError, DeviceError, NotKvmmemDeviceError } from '../src/errors.js';
 import { GuestMemory, ModelDevice, ModelHost, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
 import { adoptSocket } from '../src/model/sockets.js';
-import { errnoOf } from './helpers.js';
+import { errnoOf, sinkAcceptor } from './helpers.js';
 
 const PS = 4096;
 const ENOENT = -2, EFAULT = -14, EINVAL = -22, ENODEV = -19, ENOTTY = -25, EALREADY = -114, EBADF = -9;
 
 // ---- fixtures ----
 
-let seq = 0;
 /** A unix socket "tool" that accepts connections and ignores what it gets: enough to hook a VM. */
 async function acceptor(t: ExecutionContext): Promise<{ connect(): Promise<net.Socket> }> {
-  const p = path.join(os.tmpdir(), `kvmmem-drv-${process.pid}-${seq++}.sock`);
-  const peers = new Set<net.Socket>();
-  const server = net.createServer((c) => {
-    peers.add(c);
-    c.on('error', () => {});
-    c.resume();
-    c.on('close', () => peers.delete(c));
-  });
-  await new Promise<void>((r) => server.listen(p, r));
-  t.teardown(() => {
-    for (const c of peers) c.destroy();
-    server.close();
-  });
-  return {
-    connect: () => new Promise((resolve, reject) => {
-      const c = net.createConnection({ path: p }, () => resolve(c));
-      c.on('error', reject);
-    }),
-  };
+  const a = await sinkAcceptor('drv');
+  t.teardown(() => a.close());
+  return a;
 }
 
 /** Writes a recognisable tag at the start of every page of the VM. */
