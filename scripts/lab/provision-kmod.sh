@@ -20,20 +20,33 @@
 # Prints KMOD=<kvmmem.ko>, KHEADERS=<kernel build dir>, MODULES=<dir>,
 # KVER=<release>, one per line. A re-run with nothing changed does no apt
 # or compiler work.
+#
+# --no-download: never run apt (tests use it): when the headers or modules
+# are missing, say so and exit 3 (still builds kvmmem.ko when they are there).
+# Exit 3 also when the live target itself is not provisioned.
 set -euo pipefail
 
 die() { echo "provision-kmod.sh: error: $*" >&2; exit 1; }
 log() { echo "provision-kmod.sh: $*" >&2; }
+# not provisioned (exit 3: tests skip on it)
+unprovisioned() { echo "provision-kmod.sh: not provisioned: $*; run: bash scripts/live-target/provision.sh" >&2; exit 3; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 DIR="${KVMMEM_LIVE_DIR:-${HOME:-/root}/.cache/kvmmem-live}"
-[ -d "$DIR" ] || die "no live-target cache at $DIR; run: bash scripts/live-target/provision.sh"
+[ -d "$DIR" ] || unprovisioned "no live-target cache at $DIR"
 DIR="$(cd "$DIR" && pwd)"
+NO_DOWNLOAD=0
+for a in "$@"; do
+  case "$a" in
+    --no-download) NO_DOWNLOAD=1 ;;
+    *) die "usage: provision-kmod.sh [--no-download]" ;;
+  esac
+done
 WANT_MODULES=(fuse virtiofs failover net_failover virtio_net virtio_pci virtio_blk virtio_console)
 
 # ------------------------------------------------------------ the booted kernel's release
-[ -e "$DIR/vmlinuz" ] || die "no kernel at $DIR/vmlinuz; run: bash scripts/live-target/provision.sh"
+[ -e "$DIR/vmlinuz" ] || unprovisioned "no kernel at $DIR/vmlinuz"
 VMLINUZ="$(readlink -f "$DIR/vmlinuz")"
 KVER="$(basename "$VMLINUZ")"; KVER="${KVER#vmlinuz-}"
 [[ "$KVER" =~ ^(([0-9]+)\.([0-9]+)\.[0-9]+-[0-9]+)-([a-z0-9-]+)$ ]] \
@@ -63,6 +76,7 @@ APT_UPDATED=0
 # apt_download DEST PKG...: into DEST, retrying once after apt-get update (stale lists)
 apt_download() {
   local dest="$1"; shift
+  [ "$NO_DOWNLOAD" -eq 1 ] && unprovisioned "--no-download, and $* would be needed"
   command -v apt-get >/dev/null 2>&1 || die "apt-get not available to download $*"
   if (cd "$dest" && run_logged apt-get "${APT_OPTS[@]}" download "$@"); then return 0; fi
   if [ "$APT_UPDATED" -eq 0 ]; then
@@ -80,6 +94,7 @@ KH_ROOT="$DIR/kheaders/$KVER"
 KHEADERS="$KH_ROOT/usr/src/linux-headers-$KVER"
 COMMON_DIR="$KH_ROOT/usr/src/linux-headers-$ABI-common"
 if [ ! -s "$KH_ROOT/.ok" ] || [ ! -s "$KHEADERS/Module.symvers" ] || [ ! -f "$COMMON_DIR/Makefile" ]; then
+  [ "$NO_DOWNLOAD" -eq 1 ] && apt_download "$DIR" "$HDR_PKG"
   PKGVER="$(pkg_version "$HDR_PKG")"
   if [ -z "$PKGVER" ] || [ "$PKGVER" = "(none)" ]; then
     [ "$APT_UPDATED" -eq 0 ] && { log "apt-get update"; run_logged $SUDO apt-get update -q || die "apt-get update failed (see $LOG)"; APT_UPDATED=1; }
