@@ -55,6 +55,10 @@ static unsigned int mbox_timeout_ms = 5000;
 module_param(mbox_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(mbox_timeout_ms, "mailbox: how long a hypercall waits for the host (ms); then -ETIMEDOUT");
 
+static bool pin_pages = true;
+module_param(pin_pages, bool, 0644);
+MODULE_PARM_DESC(pin_pages, "pin each mapped page while mapped (default); 0 = the seed's unreferenced lookup, only to demonstrate the hazard it leaves (docs/kmod.md)");
+
 /* A lost interrupt costs at most this much latency, never a hang. */
 #define KVMMEM_MBOX_RECHECK_MS 10
 
@@ -418,26 +422,29 @@ static long _do_mapping(struct kvmi_mem_map *map_req, struct page_map *pmp)
 	}
 	put_page(page);
 
-	/*
-	 * Pin the page for as long as the host aliases it (the seed takes no
-	 * reference: at exit the page is freed before release() unmaps it).
-	 * FOLL_WRITE makes it this process's own writable page first (COW is
-	 * broken, a read-only page-cache page is never handed out);
-	 * FOLL_LONGTERM keeps it from being migrated.
-	 */
-	result = pin_user_pages(uaddr, 1, FOLL_WRITE | FOLL_LONGTERM, &page, NULL);
-	if (result != 1) {
-		if (result >= 0)
-			result = -EFAULT;
-		pr_err_ratelimited("kvmi: pin_user_pages() failed with result %ld\n", result);
-		goto out;
+	if (READ_ONCE(pin_pages)) {
+		/*
+		 * Pin the page for as long as the host aliases it (the seed takes
+		 * no reference: at exit the page is freed before release()
+		 * unmaps it). FOLL_WRITE makes it this process's own writable
+		 * page first (COW is broken, a read-only page-cache page is
+		 * never handed out); FOLL_LONGTERM keeps it from migrating.
+		 */
+		result = pin_user_pages(uaddr, 1, FOLL_WRITE | FOLL_LONGTERM, &page, NULL);
+		if (result != 1) {
+			if (result >= 0)
+				result = -EFAULT;
+			pr_err_ratelimited("kvmi: pin_user_pages() failed with result %ld\n", result);
+			goto out;
+		}
+		pmp->page = page;
 	}
+	/* (pin_pages=0: the seed's follow_page(vma, gva, 0) holds no reference either) */
 
 	/* get the physical address and store it in page_map */
 	paddr = page_to_phys(page);
 	pr_debug("kvmi: page phys addr %016lx\n", paddr);
 	pmp->paddr = paddr;
-	pmp->page = page;
 
 	/* last thing to do is host mapping */
 	result = kvmi_arch_map_hc(&map_req->token, map_req->gpa, paddr, &pmp->page);
@@ -665,11 +672,6 @@ static int kvmmem_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id
 	int ret, i;
 
 	/* Every ivshmem device is offered to us (the target's RAM too): bind only the mailbox. */
-	if (kvmmem_mbox) {
-		dev_info(&pdev->dev, "kvmmem: a mailbox is already bound (%s): leaving this device alone\n",
-			 pci_name(kvmmem_mbox->pdev));
-		return -ENODEV;
-	}
 	if (!(pci_resource_flags(pdev, 2) & IORESOURCE_MEM) || len < PAGE_SIZE ||
 	    pci_resource_len(pdev, 0) < 16)
 		return -ENODEV;
@@ -682,6 +684,11 @@ static int kvmmem_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id
 		return PTR_ERR(hdr);
 	if (READ_ONCE(hdr->magic) != KVMMEM_MBOX_MAGIC) {
 		dev_info(&pdev->dev, "kvmmem: no mailbox magic at BAR2 (host not serving, or not a mailbox): not binding\n");
+		return -ENODEV;
+	}
+	if (kvmmem_mbox) {
+		dev_info(&pdev->dev, "kvmmem: a mailbox is already bound (%s): leaving this one alone\n",
+			 pci_name(kvmmem_mbox->pdev));
 		return -ENODEV;
 	}
 	rmb();	/* the magic is written last: the fields it covers after it */
