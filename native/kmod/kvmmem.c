@@ -78,9 +78,12 @@ struct kvmmem_mbox {
 	spinlock_t lock;			/* held, poisoned, orphan[] */
 	unsigned long held;			/* slots a caller is using */
 	unsigned long poisoned;			/* timed out, not answered yet */
-	/* The pin of the page a poisoned slot's request named: kept until the
-	 * host answers, since the host may still alias that page. */
+	/* A poisoned slot's request, as we sent it (not as the shared memory
+	 * says now), and the pin of the page it named: kept until the host
+	 * answers, since the host may still alias that page. */
 	struct page *orphan[KVMMEM_MBOX_MAX_SLOTS];
+	unsigned int orphan_nr[KVMMEM_MBOX_MAX_SLOTS];
+	u64 orphan_map_gpa[KVMMEM_MBOX_MAX_SLOTS];
 };
 
 static struct kvmmem_mbox *kvmmem_mbox;
@@ -177,6 +180,8 @@ static long kvmmem_mbox_send(struct kvmmem_mbox *mb, int i, unsigned int nr, u64
 	__clear_bit(i, &mb->held);
 	__set_bit(i, &mb->poisoned);
 	mb->orphan[i] = pin ? *pin : NULL;
+	mb->orphan_nr[i] = nr;
+	mb->orphan_map_gpa[i] = nr == KVMMEM_MBOX_NR_MEM_MAP ? a2 : a0;
 	if (pin)
 		*pin = NULL;
 	spin_unlock(&mb->lock);
@@ -237,8 +242,8 @@ static void kvmmem_mbox_reap(struct kvmmem_mbox *mb)
 			continue;
 		}
 		rmb();
-		nr = READ_ONCE(s->nr);
-		a2 = READ_ONCE(s->a2);
+		nr = mb->orphan_nr[i];
+		a2 = mb->orphan_map_gpa[i];
 		result = (long)READ_ONCE(s->result);
 		page = mb->orphan[i];
 		mb->orphan[i] = NULL;
