@@ -11,7 +11,8 @@
  * the test's host responder gives each kind its meaning (VALID: a real MAP
  * of target page gpa/4096 through the lab agent; BUSY: -EBUSY; SILENT: an
  * answer only after the timeout; BENCH: 0 without remapping; MARK: a
- * checkpoint, answered -ENOENT, that splits the responder's log into cases).
+ * checkpoint, answered -ENOENT, that splits the responder's log into cases;
+ * NORING: 0 a little later, and the host does not ring back).
  * Built static with the system gcc (scripts/lab/kmod-initramfs.sh).
  */
 #define _GNU_SOURCE
@@ -495,6 +496,17 @@ static int run(const char *res2)
 		d = kunmap(fd, f);
 		set_param("mbox_timeout_ms", "5000");
 		say("timeout after_late map=%d unmap=%d", c, d);
+	}
+
+	/* ---- an answer without a RING (a lost interrupt): found by the periodic re-check */
+	mark("noring");
+	{
+		char *p = page_alloc("NORING");
+		uint64_t t0 = now_ns();
+
+		r = kmap(fd, "NORING", 0, p);
+		r2 = (int)((now_ns() - t0) / 1000);
+		say("noring map=%d us=%d unmap=%d", r, r2, kunmap(fd, p));
 	}
 
 	/* ---- the host stops serving: -ENODEV; it serves again: works */
