@@ -166,8 +166,18 @@ CC="gcc-${MAJMIN%%.*}"
 # The headers name the compiler the kernel was built with (CONFIG_CC_VERSION_TEXT): use that one.
 want_cc="$(sed -n 's/^CONFIG_CC_VERSION_TEXT="\([^ ]*\) .*/\1/p' "$KHEADERS/.config" | head -n1)"
 [ -n "$want_cc" ] && CC="$want_cc"
-command -v "$CC" >/dev/null 2>&1 || die "the kernel was built with $CC, which is not installed (apt-get install ${CC})"
-command -v make >/dev/null 2>&1 || die "make missing (apt-get install make)"
+# need_tool CMD PKG: install PKG when CMD is missing (not with --no-download: then "not provisioned")
+need_tool() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  [ "$NO_DOWNLOAD" -eq 1 ] && unprovisioned "$1 is missing (apt-get install $2)"
+  log "installing $2"
+  run_logged env DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$2" \
+    || { run_logged $SUDO apt-get update -q && run_logged env DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$2"; } \
+    || die "apt-get install $2 failed (see $LOG)"
+  command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
+}
+need_tool "$CC" "$CC"
+need_tool make make
 SRC="$ROOT/native/kmod"
 FILES=("$SRC/kvmmem.c" "$SRC/kvmmem_mailbox.h" "$SRC/Kbuild" "$SRC/Makefile" "$ROOT/native/include/kvmi_mem.h" "$HERE/provision-kmod.sh")
 HASH="$( { cat "${FILES[@]}"; echo "$KVER $PKGVER"; "$CC" --version | head -n1; } | sha256sum | cut -c1-16)"
