@@ -5,7 +5,7 @@ import test, { type ExecutionContext } from 'ava';
 import fc from 'fast-check';
 import { Buffer } from 'node:buffer';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { constants as osConstants, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -190,6 +190,32 @@ function expectedCTable(): Map<string, number> {
   return m;
 }
 
+/** Compares "NAME VALUE" pairs the C compiler produced with src/abi's table, in one assertion. */
+function checkCValues(t: ExecutionContext, pairs: string[]): void {
+  const table = expectedCTable();
+  const printed = new Set<string>();
+  const mismatched: string[] = [];
+  const unchecked: string[] = []; // printed by C, absent from the TS table
+  const malformed: string[] = [];
+  for (const line of pairs) {
+    const m = /^(\S+) (-?\d+)$/.exec(line);
+    if (!m || printed.has(m[1]!)) {
+      malformed.push(line);
+      continue;
+    }
+    const name = m[1]!;
+    const value = Number(m[2]);
+    printed.add(name);
+    const expected = table.get(name);
+    if (expected === undefined) unchecked.push(name);
+    else if (value !== expected) mismatched.push(`${name}: C ${value}, TS ${expected}`);
+  }
+  const notPrinted = [...table.keys()].filter((k) => !printed.has(k));
+  // One assertion so that a failure lists every discrepancy at once.
+  t.deepEqual({ mismatched, unchecked, notPrinted, malformed }, { mismatched: [], unchecked: [], notPrinted: [], malformed: [] });
+  t.true(printed.size > 100, `only ${printed.size} values printed`);
+}
+
 if (CC === undefined) {
   test.skip('C cross-check: SKIPPED, no C compiler found ($CC, cc, gcc, clang)', () => {});
 } else {
@@ -201,30 +227,40 @@ if (CC === undefined) {
         '-Wall', '-Werror', `-I${path.join(ROOT, 'native/include')}`,
         path.join(ROOT, 'native/abi_check.c'), '-o', exe,
       ], { stdio: ['ignore', 'pipe', 'pipe'] });
-      const out = execFileSync(exe, { encoding: 'utf8' });
-      const table = expectedCTable();
-      const printed = new Set<string>();
-      const mismatched: string[] = [];
-      const unchecked: string[] = []; // printed by C, absent from the TS table
-      const malformed: string[] = [];
-      const lines = out.trim().split('\n');
-      for (const line of lines) {
-        const m = /^(\S+) (-?\d+)$/.exec(line);
-        if (!m || printed.has(m[1]!)) {
-          malformed.push(line);
-          continue;
-        }
-        const name = m[1]!;
-        const value = Number(m[2]);
-        printed.add(name);
-        const expected = table.get(name);
-        if (expected === undefined) unchecked.push(name);
-        else if (value !== expected) mismatched.push(`${name}: C ${value}, TS ${expected}`);
-      }
-      const notPrinted = [...table.keys()].filter((k) => !printed.has(k));
-      // One assertion so that a failure lists every discrepancy at once.
-      t.deepEqual({ mismatched, unchecked, notPrinted, malformed }, { mismatched: [], unchecked: [], notPrinted: [], malformed: [] });
-      t.true(printed.size > 100, `only ${printed.size} values printed`);
+      checkCValues(t, execFileSync(exe, { encoding: 'utf8' }).trim().split('\n'));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+/**
+ * The guest kernel's build tree (KHEADERS=) from scripts/lab/provision-kmod.sh
+ * --no-download, which exits 3 when the lab kernel's headers are not there.
+ */
+function guestKernelHeaders(): { ok: true; dir: string } | { ok: false; reason: string } {
+  const r = spawnSync('bash', [path.join(ROOT, 'scripts/lab/provision-kmod.sh'), '--no-download'], { encoding: 'utf8', timeout: 300_000 });
+  const dir = /^KHEADERS=(.*)$/m.exec(r.stdout ?? '')?.[1];
+  if (r.status === 0 && dir) return { ok: true, dir };
+  if (r.status === 3) return { ok: false, reason: (r.stderr ?? '').trim().split('\n').pop() ?? 'not provisioned' };
+  throw new Error(`scripts/lab/provision-kmod.sh --no-download failed (${r.status ?? r.signal}): ${r.stderr}`);
+}
+const KHEADERS = guestKernelHeaders();
+
+if (!KHEADERS.ok) {
+  test.skip(`C cross-check in kernel context: SKIPPED (${KHEADERS.reason})`, () => {});
+} else {
+  const kdir = KHEADERS.dir;
+  test('C cross-check in kernel context: native/abi_check.c built by kbuild against the lab guest kernel\'s headers agrees with src/abi', (t) => {
+    // kvmi_mem.h next to the kernel's own linux/kvm.h and linux/kvm_para.h, with the kernel's flags (-Werror):
+    // the asm-offsets trick turns each value into a "->NAME VALUE" line of the assembly.
+    const dir = mkdtempSync(path.join(tmpdir(), 'kvmmem-kabi-'));
+    try {
+      execFileSync('cp', [path.join(ROOT, 'native/abi_check.c'), dir]);
+      writeFileSync(path.join(dir, 'Kbuild'), `obj-m := abi_check.o\nccflags-y := -I${path.join(ROOT, 'native/include')} -Werror\n`);
+      execFileSync('make', ['-s', '-C', kdir, `M=${dir}`, 'abi_check.s'], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
+      const asm = readFileSync(path.join(dir, 'abi_check.s'), 'utf8');
+      checkCValues(t, [...asm.matchAll(/->([^"]*)"/g)].map((m) => m[1]!));
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
