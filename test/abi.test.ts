@@ -107,7 +107,8 @@ test('ioctlName', (t) => {
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_HOOK), 'KVM_INTROSPECTION_HOOK');
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_UNHOOK), 'KVM_INTROSPECTION_UNHOOK');
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_PREUNHOOK), 'KVM_INTROSPECTION_PREUNHOOK');
-  t.is(abi.ioctlName(0x40086903), '0x40086903');
+  t.is(abi.ioctlName(0x40086903), 'KVM_GUEST_MEM_UNMAP (v2)'); // libkvmi's v2 device, named for the probe's message
+  t.is(abi.ioctlName(0x40086904), '0x40086904');
   t.is(abi.ioctlName(0x5401), '0x00005401');
   t.is(abi.ioctlName(abi._IOWR('i', 1, 48) | 0), '0xc0306901');
 });
