@@ -302,3 +302,83 @@ test('writePhysical keeps what waits to be written under the high-water mark (a 
   t.is(vm.state, 'connected');
   t.true(maxQueued <= 256 * 1024, `${maxQueued} bytes queued`);
 });
+
+// ---------------------------------------------------------------------------
+// Fuzz: hostile replies on the tool's end, hostile requests on the host's end
+// ---------------------------------------------------------------------------
+type ReplyKind = 'good' | 'short' | 'long' | 'error' | 'errorWithData' | 'garbage' | 'silent' | 'split';
+
+test('fuzz: whatever a host answers to readPhysical, the call settles with the right bytes or a typed error; nothing leaks', async (t) => {
+  const kinds: ReplyKind[] = ['good', 'short', 'long', 'error', 'errorWithData', 'garbage', 'silent', 'split'];
+  let runs = 0;
+  await fc.assert(fc.asyncProperty(
+    fc.array(fc.constantFrom(...kinds), { minLength: 1, maxLength: 6 }),
+    fc.integer({ min: 0, max: 3 * PS }), fc.integer({ min: 1, max: 3 * PS }), fc.integer({ min: 0, max: 0xffff_ffff }),
+    async (plan, offset, length, seed) => {
+      runs++;
+      let i = 0;
+      let rnd = seed;
+      const next = () => (rnd = (Math.imul(rnd, 1103515245) + 12345) >>> 0);
+      const { vm } = await fakeHost(t, (f, send) => {
+        const r = decodeReadPhysical(f.body);
+        const kind = plan[i++ % plan.length]!;
+        const data = Buffer.alloc(r.size, 0x5a);
+        const ok = encodeMessage(f.hdr, Buffer.concat([encodeErrorCode(0), data]));
+        switch (kind) {
+          case 'good': send(ok); break;
+          case 'split': { const at = 1 + (next() % (ok.length - 1)); send(ok.subarray(0, at)); setImmediate(() => send(ok.subarray(at))); break; }
+          case 'short': send(encodeMessage(f.hdr, Buffer.concat([encodeErrorCode(0), data.subarray(1)]))); break;
+          case 'long': send(encodeMessage(f.hdr, Buffer.concat([encodeErrorCode(0), data, Buffer.alloc(1)]))); break;
+          case 'error': send(encodeMessage(f.hdr, encodeErrorCode(-(1 + (next() % 200))))); break;
+          case 'errorWithData': send(encodeMessage(f.hdr, Buffer.concat([encodeErrorCode(-2), Buffer.alloc(1 + (next() % 64))]))); break;
+          case 'garbage': send(randomBytes(1 + (next() % 64))); break;
+          case 'silent': break;
+        }
+      });
+      const r = await within(vm.readPhysical(BigInt(offset), length).then((b) => b, (e: unknown) => e), 5000, 'readPhysical settling');
+      if (r instanceof Buffer) {
+        if (r.length !== length || r.some((b) => b !== 0x5a)) return false;
+      } else if (!(r instanceof KvmiError || r instanceof VmGoneError || r instanceof TimeoutError)) {
+        throw r;
+      }
+      if (vm.inFlight !== 0 && vm.state !== 'gone') {
+        // Only timed-out requests may stay (abandoned); none is pending once the call settled.
+        return false;
+      }
+      vm.close();
+      return true;
+    },
+  ), { numRuns: 40 });
+  t.is(runs, 40);
+});
+
+test('fuzz: random READ/WRITE_PHYSICAL bodies never hurt the model host: error codes or the exact bytes, guest memory only changed by valid writes', async (t) => {
+  const { mvm, vm } = await modelVm(t, { memory: 64 * 1024 });
+  const ids = KVMI_IDS.v6;
+  const shadow = Buffer.from(mvm.memory.read(0n, 64 * 1024));
+  await fc.assert(fc.asyncProperty(
+    fc.boolean(), fc.bigInt({ min: 0n, max: 0x20000n }), fc.integer({ min: 0, max: 0x1100 }), fc.integer({ min: 0, max: 3 }), fc.integer({ min: -2, max: 2 }),
+    async (write, gpa, size, padAt, skew) => {
+      const b = Buffer.alloc(16);
+      b.writeBigUInt64LE(gpa, 0);
+      b.writeUInt16LE(size & 0xffff, 8);
+      if (padAt > 0) b[8 + 2 * padAt + 1] = 1; // bytes 11, 13, 15: padding
+      const data = randomBytes(Math.max(0, size + skew));
+      const body = write ? Buffer.concat([b, data]) : b;
+      const valid = padAt === 0 && size >= 1 && size <= PS && Number(gpa & 0xfffn) + size <= PS && (!write || data.length === size);
+      const inRam = gpa + BigInt(size) <= 64n * 1024n;
+      const r = await vm.request(write ? ids.WRITE_PHYSICAL : ids.READ_PHYSICAL, body).then((d) => d, (e: KvmiError) => e);
+      if (!valid) return r instanceof KvmiError && r.code === 'EINVAL';
+      if (!inRam) return r instanceof KvmiError && r.code === 'ENOENT';
+      if (r instanceof Error) return false;
+      if (write) {
+        data.copy(shadow, Number(gpa));
+        return r.length === 0;
+      }
+      return r.equals(shadow.subarray(Number(gpa), Number(gpa) + size));
+    },
+  ), { numRuns: 300 });
+  t.true(mvm.memory.read(0n, 64 * 1024).equals(shadow), 'guest memory = the valid writes, nothing else');
+  t.is(mvm.connection!.counts.framingErrors, 0);
+  t.is(vm.state, 'connected');
+});
