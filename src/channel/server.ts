@@ -193,7 +193,9 @@ export class IntrospectionServer extends EventEmitter {
 
   /** Where it listens; null for a server from create(). */
   get address(): BoundAddress | null {
-    return this.#address === null ? null : { ...this.#address };
+    const a = this.#address;
+    if (a === null) return null;
+    return 'tcp' in a ? { tcp: { ...a.tcp } } : { ...a };
   }
 
   get closed(): boolean {
