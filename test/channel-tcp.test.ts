@@ -40,8 +40,11 @@ function modelHost(t: ExecutionContext) {
   return host;
 }
 
-/** A slirp-like forwarder: accepts every connection; closes (or resets) it at once until `target` is set, then pipes to it. */
-async function forwarder(t: ExecutionContext, mode: 'close' | 'reset' = 'close') {
+/**
+ * A slirp-like forwarder: accepts every connection; until `target` is set it
+ * closes it at once, resets it, or holds it open saying nothing; then pipes new ones to the target.
+ */
+async function forwarder(t: ExecutionContext, mode: 'close' | 'reset' | 'hold' = 'close') {
   const state = { target: 0, accepted: 0, dropped: 0 };
   const sockets = new Set<net.Socket>();
   const srv = net.createServer((c) => {
@@ -52,7 +55,7 @@ async function forwarder(t: ExecutionContext, mode: 'close' | 'reset' = 'close')
     if (state.target === 0) {
       state.dropped++;
       if (mode === 'reset') c.resetAndDestroy();
-      else c.destroy();
+      else if (mode === 'close') c.destroy();
       return;
     }
     const up = net.connect({ port: state.target, host: '127.0.0.1' });
@@ -138,6 +141,25 @@ test('device manager over TCP: a forwarder that accepts and closes until the too
     t.is(vm.state, 'connected');
     t.true(mvm.hooked);
   }
+});
+
+test('device manager over TCP: a connection held open in silence is dropped after attemptTimeoutMs and retried', async (t) => {
+  const fwd = await forwarder(t, 'hold');
+  const host = modelHost(t);
+  const mvm = host.createVm({ name: 'held', memory: MiB });
+  const attached = mvm.attach({ tcp: { port: fwd.port }, timeoutMs: 10_000, attemptTimeoutMs: 150, retryDelayMs: 10 });
+  await new Promise((r) => setTimeout(r, 400));
+  const { server, port } = await tcpServer(t);
+  const vmP = server.waitForVm({ name: 'held' }, 10_000);
+  fwd.state.target = port;
+  await within(attached, 10_000, 'attach after held connections');
+  t.is((await vmP).state, 'connected');
+  t.true(fwd.state.dropped >= 2, `${fwd.state.dropped} silent attempts before the tool listened`);
+  // Without time left for another attempt, silence is the plain ETIMEDOUT.
+  const fwd2 = await forwarder(t, 'hold');
+  const other = host.createVm({ name: 'held2', memory: MiB });
+  const e = await t.throwsAsync(other.attach({ tcp: { port: fwd2.port }, timeoutMs: 300, attemptTimeoutMs: 1000 }), { code: 'ETIMEDOUT' });
+  t.regex(e!.message, /no reply within \d+ ms/);
 });
 
 test('device manager over TCP: retries are bounded; the error names the attempts, the time and what to check', async (t) => {

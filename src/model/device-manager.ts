@@ -35,6 +35,13 @@ interface AttachCommon {
   retries?: number;
   /** Wait before the first retry, doubled each time up to 1000 ms (default 100 ms). */
   retryDelayMs?: number;
+  /**
+   * An attempt on which the tool has sent nothing this long after connecting
+   * is dropped and retried (default 3000 ms TCP; unix: timeoutMs, i.e. one
+   * attempt): a forwarder may also hold a connection it cannot complete
+   * (slirp while the guest's network is not up yet).
+   */
+  attemptTimeoutMs?: number;
 }
 
 /** Where the tool listens: `{ unix: path }` or `{ tcp: { host, port } }` (host default 127.0.0.1). */
@@ -119,6 +126,8 @@ export async function attach(vm: ModelVm, opts: AttachOptions): Promise<Attachme
   const timeoutMs = opts.timeoutMs ?? (target.tcp ? 10_000 : 5000);
   const retries = opts.retries ?? (target.tcp ? 50 : 0);
   const retryDelayMs = opts.retryDelayMs ?? 100;
+  const attemptTimeoutMs = opts.attemptTimeoutMs ?? (target.tcp ? 3000 : timeoutMs);
+  if (!(attemptTimeoutMs > 0)) throw new UsageError(`attach: attemptTimeoutMs must be positive, got ${String(attemptTimeoutMs)}`);
   if (!(timeoutMs > 0)) throw new UsageError(`attach: timeoutMs must be positive, got ${String(timeoutMs)}`);
   if (!Number.isInteger(retries) || retries < 0) throw new UsageError(`attach: retries must be a non-negative integer, got ${String(retries)}`);
   if (!(retryDelayMs >= 0)) throw new UsageError(`attach: retryDelayMs must be >= 0, got ${String(retryDelayMs)}`);
@@ -126,7 +135,8 @@ export async function attach(vm: ModelVm, opts: AttachOptions): Promise<Attachme
   const t0 = Date.now();
   const deadline = t0 + timeoutMs;
   for (let attempt = 1; ; attempt++) {
-    const r = await attachOnce(vm, target, cookie, Math.max(1, deadline - Date.now()));
+    const left = Math.max(1, deadline - Date.now());
+    const r = await attachOnce(vm, target, cookie, Math.min(left, attemptTimeoutMs), attemptTimeoutMs < left);
     if (!('error' in r)) return r;
     const delay = Math.min(1000, retryDelayMs * 2 ** (attempt - 1));
     if (!r.retriable || attempt > retries || Date.now() + delay >= deadline) {
@@ -144,7 +154,8 @@ export async function attach(vm: ModelVm, opts: AttachOptions): Promise<Attachme
   }
 }
 
-function attachOnce(vm: ModelVm, target: Target, cookie: string | Uint8Array | undefined, timeoutMs: number): Promise<Attachment | Failure> {
+/** One connect + handshake; silence for `timeoutMs` is retriable when `silenceRetriable` (time is left for another attempt). */
+function attachOnce(vm: ModelVm, target: Target, cookie: string | Uint8Array | undefined, timeoutMs: number, silenceRetriable: boolean): Promise<Attachment | Failure> {
   const where = target.label;
   return new Promise<Attachment | Failure>((resolve) => {
     const socket = target.connect();
@@ -166,8 +177,8 @@ function attachOnce(vm: ModelVm, target: Target, cookie: string | Uint8Array | u
         resolve(value!);
       }
     };
-    const timer = setTimeout(() => finish(fail(`kvmi handshake with ${where}: no reply within ${timeoutMs} ms`, 'ETIMEDOUT', -110,
-      'the tool must answer kvmi_qemu2introspector with a kvmi_introspector2qemu (struct_size, SHA-1 of the cookie)')), timeoutMs);
+    const timer = setTimeout(() => finish(fail(`kvmi handshake with ${where}: no reply within ${timeoutMs} ms${received === 0 ? '' : ` (${received} bytes of it)`}`, 'ETIMEDOUT', -110,
+      'the tool must answer kvmi_qemu2introspector with a kvmi_introspector2qemu (struct_size, SHA-1 of the cookie)'), undefined, silenceRetriable && received === 0), timeoutMs);
     const onError = (e: NodeJS.ErrnoException) => finish(fail(`connect ${where}: ${e.message}`, e.code ?? 'ECONNREFUSED',
       typeof e.errno === 'number' ? -Math.abs(e.errno) : -111,
       `the introspection tool must be listening on ${where} before the VM is attached`, e), undefined, received === 0);
