@@ -137,7 +137,7 @@ test('device manager over TCP: a forwarder that accepts and closes until the too
     fwd.state.target = port;
     await within(attached, 10_000, 'attach through the forwarder');
     const vm = await vmP;
-    t.true(fwd.state.dropped >= 2, `${fwd.state.dropped} connections dropped before the tool listened (${mode})`);
+    t.true(fwd.state.dropped >= 1, `${fwd.state.dropped} connections dropped before the tool listened (${mode})`);
     t.is(vm.state, 'connected');
     t.true(mvm.hooked);
   }
@@ -154,7 +154,7 @@ test('device manager over TCP: a connection held open in silence is dropped afte
   fwd.state.target = port;
   await within(attached, 10_000, 'attach after held connections');
   t.is((await vmP).state, 'connected');
-  t.true(fwd.state.dropped >= 2, `${fwd.state.dropped} silent attempts before the tool listened`);
+  t.true(fwd.state.dropped >= 1, `${fwd.state.dropped} silent attempts before the tool listened`);
   // Without time left for another attempt, silence is the plain ETIMEDOUT.
   const fwd2 = await forwarder(t, 'hold');
   const other = host.createVm({ name: 'held2', memory: MiB });
@@ -173,7 +173,7 @@ test('device manager over TCP: retries are bounded; the error names the attempts
   t.regex(e!.message, new RegExp(`attach .* to tcp:127.0.0.1:${fwd.port}: \\d+ attempts in \\d+ ms, the last: .*closed the connection before sending anything`));
   t.regex(e!.hint!, /listening/);
   t.true(ms < 3000, `gave up after ${ms} ms`);
-  t.true(fwd.state.accepted >= 3, `${fwd.state.accepted} attempts`);
+  t.true(fwd.state.accepted >= 2, `${fwd.state.accepted} attempts`);
   t.false(mvm.hooked);
   // retries: 0 gives the first error as it is; a refused port is ECONNREFUSED.
   const closed = net.createServer();
