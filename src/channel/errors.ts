@@ -75,8 +75,9 @@ export class ProtocolError extends KvmmemError {
 }
 
 /**
- * The per-connection bounds (see ChannelLimits in vm.ts). Going over any of
- * them closes that connection, and only that one.
+ * The per-connection bounds (see ChannelLimits in vm.ts), and the server's
+ * maxHandshakes ('handshakes'). Going over any of them closes that
+ * connection, and only that one.
  */
 export type ChannelLimitName = 'message' | 'readBuffer' | 'writeQueue' | 'writeStall' | 'handshakes';
 
