@@ -16,6 +16,7 @@ import { ROOT, buildC, getGc, round, type BenchOptions, type BenchReport, type C
 import { benchIoctl } from './ioctl.js';
 import { benchLibkvmi } from './libkvmi.js';
 import { benchModel } from './model.js';
+import { benchPhysical } from './physical.js';
 import { formatTable, writeReport } from './report.js';
 import { benchScale } from './scale.js';
 import { benchScan } from './scan.js';
@@ -26,7 +27,7 @@ export type { BenchOptions, BenchReport, Row, Stat } from './harness.js';
 export { formatTable, markdown, writeReport, type ReportPaths } from './report.js';
 
 const GROUPS: Record<string, Group> = {
-  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, yara: benchYara,
+  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, physical: benchPhysical, yara: benchYara,
 };
 
 /** The groups, in the order a full run takes them. */

@@ -99,6 +99,18 @@ int main(void)
 	FIELD(kvmi_event_reply, padding1);
 	FIELD(kvmi_event_reply, padding2);
 
+	STRUCT(kvmi_vm_read_physical);
+	FIELD(kvmi_vm_read_physical, gpa);
+	FIELD(kvmi_vm_read_physical, size);
+	FIELD(kvmi_vm_read_physical, padding1);
+	FIELD(kvmi_vm_read_physical, padding2);
+
+	STRUCT(kvmi_vm_write_physical);
+	FIELD(kvmi_vm_write_physical, gpa);
+	FIELD(kvmi_vm_write_physical, size);
+	FIELD(kvmi_vm_write_physical, padding1);
+	FIELD(kvmi_vm_write_physical, padding2);
+
 	IOCTL(KVM_INTRO_MEM_MAP);
 	IOCTL(KVM_INTRO_MEM_UNMAP);
 	IOCTL(KVM_INTROSPECTION_HOOK);
@@ -130,11 +142,15 @@ int main(void)
 	CONST(KVMI_V4_GET_MAP_TOKEN);
 	CONST(KVMI_V4_EVENT);
 	CONST(KVMI_V4_EVENT_REPLY);
+	CONST(KVMI_V4_READ_PHYSICAL);
+	CONST(KVMI_V4_WRITE_PHYSICAL);
 	CONST(KVMI_V6_EVENT_REPLY);
 	CONST(KVMI_V6_EVENT);
 	CONST(KVMI_V6_GET_VERSION);
 	CONST(KVMI_V6_CONTROL_VM_EVENTS);
 	CONST(KVMI_V6_GET_MAP_TOKEN);
+	CONST(KVMI_V6_READ_PHYSICAL);
+	CONST(KVMI_V6_WRITE_PHYSICAL);
 #ifndef __KERNEL__
 	return 0;
 #endif

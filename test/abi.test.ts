@@ -291,6 +291,8 @@ test('layouts are self-consistent and agree with the exported sizes', (t) => {
     [abi.KVMI_CONTROL_VM_EVENTS_LAYOUT, abi.CONTROL_VM_EVENTS_SIZE],
     [abi.KVMI_EVENT_LAYOUT, abi.EVENT_SIZE],
     [abi.KVMI_EVENT_REPLY_LAYOUT, abi.EVENT_REPLY_SIZE],
+    [abi.KVMI_READ_PHYSICAL_LAYOUT, abi.PHYSICAL_REQUEST_SIZE],
+    [abi.KVMI_WRITE_PHYSICAL_LAYOUT, abi.PHYSICAL_REQUEST_SIZE],
   ];
   for (const [L, size] of sizes) t.is(L.size, size, L.name);
   t.is(abi.MAP_TOKEN_REPLY_SIZE, 40);
@@ -395,8 +397,8 @@ test('kvm_introspection_hook: rejections', (t) => {
 // ---------------------------------------------------------------- KVMI messages
 
 test('KVMI ids and names', (t) => {
-  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15 });
-  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22 });
+  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14 });
+  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18 });
   t.true(Object.isFrozen(KVMI_IDS) && Object.isFrozen(KVMI_IDS.v6));
   t.is(abi.kvmiMessageName('v6', 22), 'KVMI_GET_MAP_TOKEN');
   t.is(abi.kvmiMessageName('v4', 15), 'KVMI_GET_MAP_TOKEN');

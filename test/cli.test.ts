@@ -95,7 +95,8 @@ test('bad input: one line on stderr and exit 2', (t) => {
     ['read', '--ram', join(dir, 'x'), '--gpa', 'zz', '--len', '1'],
     ['read', '--gpa', '0x1000', '--len', '1'],
     ['translate', '--ram', join(dir, 'x'), '--cr3', '1', '--va', '2', '--levels', '3'],
-    ['selftest', '--listen', 'tcp:1234'],
+    ['selftest', '--listen', 'tcp:localhost'],
+    ['scan', '--pattern', 'x'],
     ['selftest'],
   ];
   for (const args of cases) {
@@ -141,7 +142,7 @@ test('--hex says what is wrong with it: a non-hex digit, empty, odd length (one 
 });
 
 test('commander\'s own errors are one line, exit 2; no command at all is exit 2 with the help on stderr', (t) => {
-  for (const args of [['nosuch'], ['scan', '--pattern', 'x'], ['read', '--bogus']]) {
+  for (const args of [['nosuch'], ['scan', '--from', 'zz'], ['read', '--bogus']]) {
     const r = kvmmem(...args);
     t.is(r.code, 2, args.join(' '));
     t.is(r.stderr.trim().split('\n').length, 1, `one line for ${args.join(' ')}: ${r.stderr}`);

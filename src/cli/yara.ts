@@ -4,11 +4,10 @@
  */
 import { type Command } from 'commander';
 import { hex } from '../client/address.js';
-import { CliUsageError, EXIT, output, parseAddress, parseCount, progressBar, runCommand, withRam } from './common.js';
+import { CliUsageError, EXIT, formatBytes, output, parseAddress, parseCount, progressBar, runCommand } from './common.js';
+import { targetOptions, withTarget, type TargetArgs } from './target.js';
 
-interface YaraCliOptions {
-  ram: string;
-  e?: string[];
+interface YaraCliOptions extends TargetArgs {
   from?: bigint;
   to?: bigint;
   max?: number;
@@ -20,13 +19,12 @@ interface YaraCliOptions {
 const printable = (b: Buffer): string => b.toString('latin1').replace(/[^\x20-\x7e]/g, '.');
 
 export function registerYara(program: Command): void {
-  program.command('yara')
-    .description('run YARA rules (YARA-X) over a guest RAM file through the full stack, live and zero-copy')
+  targetOptions(program.command('yara')
+    .description('run YARA rules (YARA-X) over guest-physical memory, live and zero-copy: a RAM file (--ram) or a VM of a real deployment (--listen)'))
     .argument('[rules...]', 'rule files (.yar)')
     .option('-e, --rule <text>', 'rule text (repeatable)', (v: string, acc: string[] = []) => [...acc, v])
-    .requiredOption('--ram <file>', 'guest RAM: a QEMU memory-backend-file (share=on) or a raw image')
     .option('--from <addr>', 'first gpa', parseAddress)
-    .option('--to <addr>', 'end gpa (exclusive; default the end of the file)', parseAddress)
+    .option('--to <addr>', 'end gpa (exclusive; default the end of the RAM file; required with --listen)', parseAddress)
     .option('--max <n>', 'stop after n hits', (v) => parseCount(v))
     .option('--overlap <bytes>', 'longest match found exactly across chunk edges (default 4096)', (v) => parseCount(v))
     .option('--json', 'one JSON document instead of text')
@@ -51,26 +49,28 @@ export function registerYara(program: Command): void {
         if (e instanceof y.YaraCompileError) throw new CliUsageError(e.message);
         throw e;
       }
-      return withRam(o.ram, async (ram) => {
-        const to: bigint = o.to ?? ram.end;
+      return withTarget(o, (l) => out.say(l), async (target) => {
+        const end = target.end;
+        if (o.to === undefined && end === null) throw new CliUsageError('yara: --to is required with --listen (the end of the guest\'s RAM is not known over KVMI)');
+        const to: bigint = o.to ?? end!;
         const from: bigint = o.from ?? 0n;
-        if (to > ram.end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${o.ram} (${hex(ram.end)})`);
+        if (end !== null && to > end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${target.label} (${hex(end)})`);
         if (from >= to) throw new CliUsageError(`--from ${hex(from)} must be below --to ${hex(to)}`);
         const bar = progressBar(out.json, Number(to - from));
         const t0 = performance.now();
-        const r = await y.yaraScan(ram.session, ram.vm, rules, {
+        const r = await y.yaraScan(target.session, target.vm, rules, {
           from, to,
           ...(o.max === undefined ? {} : { maxMatches: o.max }),
           ...(o.overlap === undefined ? {} : { overlap: o.overlap }),
           onProgress: (p) => bar.update(p.done, `${p.hits} hits`),
           // Hits as they are found (text mode): a long scan shows its results early.
           onHit: out.json ? undefined : (h) => out.say(`${h.namespace === 'default' ? '' : `${h.namespace}:`}${h.rule} ${h.string} ${hex(h.gpa)} +${h.length} ${JSON.stringify(printable(h.data))}`),
-        });
-        bar.stop();
+        }).finally(() => bar.stop());
         const ms = Math.round(performance.now() - t0);
-        out.say(`${r.hits.length} hit(s) of ${r.rules.length} rule(s) in ${(r.scannedBytes / 2 ** 20).toFixed(1)} MiB, ${r.skippedPages} pages skipped, ${ms} ms`);
+        out.say(`${r.hits.length} hit(s) of ${r.rules.length} rule(s) in ${formatBytes(r.scannedBytes)}, ${r.skippedPages} pages skipped, ${ms} ms`);
         out.result({
-          ram: o.ram, from, to, ms, scannedBytes: r.scannedBytes, skippedPages: r.skippedPages, rules: r.rules,
+          ...(target.kind === 'ram' ? { ram: target.label } : { vm: { name: target.vm.name, uuid: target.vm.uuid } }),
+          from, to, ms, scannedBytes: r.scannedBytes, skippedPages: r.skippedPages, rules: r.rules,
           hits: r.hits.map((h) => ({ ...h, data: h.data.toString('hex'), before: h.before.toString('hex'), after: h.after.toString('hex') })),
         });
         return r.hits.length > 0 ? EXIT.OK : EXIT.FAILED;
