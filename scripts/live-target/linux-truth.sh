@@ -19,6 +19,7 @@ for KT_P in $KT_P1 $KT_P2; do
   echo "KVMMEM-TRUTH argv $KT_P $(od -An -tx1 -v /proc/$KT_P/cmdline | tr -d ' \n')"
   echo "KVMMEM-TRUTH env $KT_P $(od -An -tx1 -v /proc/$KT_P/environ | tr -d ' \n')"
 done
+while IFS= read -r KT_L; do echo "KVMMEM-TRUTH maps $KT_P1 $KT_L"; done < /proc/$KT_P1/maps
 echo "KVMMEM-TRUTH uname_r $(uname -r)"
 echo "KVMMEM-TRUTH uname_v $(uname -v)"
 echo "KVMMEM-TRUTH uname_n $(uname -n)"
