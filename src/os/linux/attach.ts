@@ -29,15 +29,24 @@ export interface KernelBase {
 
 /** The kernel's base from its page tables, or why not. */
 export async function baseFromCr3(reader: PhysicalReader, cr3: bigint, levels?: 4 | 5): Promise<KernelBase> {
-  const pgd = cr3 & PTE_ADDR_MASK & ~0x1000n; // PCID bits and the PTI user half away
   const tried: string[] = [];
+  // PCID bits away; with PTI the kernel half is the even page of the pair (its user half maps only the entry code)
+  const pgds = [...new Set([cr3 & PTE_ADDR_MASK & ~0x1000n, cr3 & PTE_ADDR_MASK])];
+  for (const pgd of pgds) {
+    const b = await baseFromPgd(reader, pgd, levels, tried);
+    if (b !== null) return b;
+  }
+  throw new LinuxNotFoundError(`no kernel map under CR3 ${hex(cr3)}: ${tried.join('; ')}`, 'give the CR3 of a vCPU of this guest (QEMU: info registers), or no CR3 to search the RAM');
+}
+
+async function baseFromPgd(reader: PhysicalReader, pgd: bigint, levels: 4 | 5 | undefined, tried: string[]): Promise<KernelBase | null> {
   for (const lv of levels === undefined ? [4, 5] as const : [levels]) {
     let table = pgd;
     const path = lv === 5 ? [511, 511, 510] : [511, 510];
     let ok = true;
     for (const [depth, i] of path.entries()) {
       const e = await reader.readU64(table + BigInt(i) * 8n);
-      if ((e & PTE_PRESENT) === 0n || (e & PTE_PS) !== 0n) { tried.push(`${lv}-level: entry ${i} at level ${depth} is ${hex(e)}`); ok = false; break; }
+      if ((e & PTE_PRESENT) === 0n || (e & PTE_PS) !== 0n) { tried.push(`PGD ${hex(pgd)}, ${lv}-level: entry ${i} at level ${depth} is ${hex(e)}`); ok = false; break; }
       table = e & PTE_ADDR_MASK;
     }
     if (!ok) continue;
@@ -46,7 +55,7 @@ export async function baseFromCr3(reader: PhysicalReader, cr3: bigint, levels?: 
     for (let i = 0; i < 512; i++) {
       if ((pmd.readBigUInt64LE(i * 8) & PTE_PRESENT) !== 0n) { if (first < 0) first = i; last = i; }
     }
-    if (first < 0) { tried.push(`${lv}-level: the kernel-map PMD at ${hex(table)} is empty`); continue; }
+    if (first < 0) { tried.push(`PGD ${hex(pgd)}, ${lv}-level: the kernel-map PMD at ${hex(table)} is empty`); continue; }
     const e = pmd.readBigUInt64LE(first * 8);
     let textPa: bigint;
     if (e & PTE_PS) textPa = e & 0x000f_ffff_ffe0_0000n;
@@ -54,10 +63,10 @@ export async function baseFromCr3(reader: PhysicalReader, cr3: bigint, levels?: 
     const textVa = START_KERNEL_MAP + BigInt(first) * MIB2;
     // the walk must agree with the arithmetic (a page-table-looking page that is none would not)
     const t = await translate(reader, pgd, textVa, { levels: lv }).catch(() => null);
-    if (t === null || t.gpa !== textPa) { tried.push(`${lv}-level: walking ${hex(textVa)} does not land on ${hex(textPa)}`); continue; }
+    if (t === null || t.gpa !== textPa) { tried.push(`PGD ${hex(pgd)}, ${lv}-level: walking ${hex(textVa)} does not land on ${hex(textPa)}`); continue; }
     return { pgd, levels: lv, textVa, textPa, mappedBytes: BigInt(last - first + 1) * MIB2 };
   }
-  throw new LinuxNotFoundError(`no kernel map under CR3 ${hex(cr3)} (PGD ${hex(pgd)}): ${tried.join('; ')}`, 'give the CR3 of a vCPU of this guest (QEMU: info registers), or no CR3 to search the RAM');
+  return null;
 }
 
 /** kallsyms in guest-physical [from, to). */
