@@ -14,6 +14,7 @@ import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progres
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
+import { registerLinuxCommands } from './linux.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -171,6 +172,8 @@ export function buildProgram(): Command {
       out.result({ target, results, ok: failed === 0 });
       return failed === 0 ? EXIT.OK : EXIT.FAILED;
     }));
+
+  registerLinuxCommands(program);
 
   program.command('bench')
     .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes latest.json and BENCHMARKS.md into --out')

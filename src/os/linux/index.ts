@@ -4,4 +4,5 @@ export { KernelSymbols, KALLSYMS_DIGITS, decodeKallsyms, type KernelSymbol, type
 export { Btf, BtfKind, BTF_MAGIC, type BtfMember, type ResolvedMember, type BtfEnumerator } from './btf.js';
 export { KernelMemory, type KernelLayout } from './memory.js';
 export { START_KERNEL_MAP, baseFromCr3 } from './attach.js';
+export { buildSyntheticLinux, BtfWriter, writeKallsyms, type SyntheticLinuxOptions, type SyntheticLinuxTruth, type SyntheticLinuxTask, type SymbolSpec } from './synthetic.js';
 export { LinuxError, LinuxNotFoundError, LinuxUnsupportedError, LinuxStructureError, LinuxNoSuchError, type LinuxErrorCode } from './errors.js';

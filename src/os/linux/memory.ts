@@ -4,6 +4,7 @@
  * (vmalloc, vmemmap, modules) by a page walk from the kernel's PGD. Typed
  * reads that check what they read is a kernel pointer, naming the struct.
  */
+import { KvmmemError } from '../../errors.js';
 import { hex } from '../../client/address.js';
 import { AddressSpace, TranslationError, translate, type PhysReadBytes } from '../../inspect/index.js';
 import { LinuxStructureError } from './errors.js';
@@ -58,8 +59,9 @@ export class KernelMemory {
       return await this.space.read(va, length);
     } catch (e) {
       if (e instanceof TranslationError) throw new LinuxStructureError(what, va, `not mapped (${e.message})`);
-      if (e instanceof LinuxStructureError) throw e;
-      throw new LinuxStructureError(what, va, `cannot be read: ${(e as Error).message}`);
+      // a pointer to a gpa without RAM is the guest's fault; anything else (closed reader, shrunk file) is not
+      if (e instanceof KvmmemError && e.code === 'EFAULT') throw new LinuxStructureError(what, va, `points at no RAM (${e.message})`);
+      throw e;
     }
   }
 
