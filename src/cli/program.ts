@@ -179,7 +179,7 @@ export function buildProgram(): Command {
     .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes latest.json and BENCHMARKS.md into --out')
     .option('--quick', 'smaller sizes and fewer repetitions (under a minute)')
     .option('--json', 'one JSON document instead of the table')
-    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale')
+    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale,linux')
     .option('--out <dir>', 'where latest.json and BENCHMARKS.md go', 'kvmmem-bench')
     .option('--no-write', 'do not write latest.json and BENCHMARKS.md')
     .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')
