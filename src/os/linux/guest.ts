@@ -29,6 +29,11 @@ export interface AttachOptions {
   end?: AddressLike;
 }
 
+/** What LinuxGuest.frozen needs of a QEMU monitor. */
+export interface QemuMonitor {
+  qmp(command: string, args?: object): Promise<unknown>;
+}
+
 export interface LinuxProcess {
   pid: number;
   tgid: number;
@@ -190,6 +195,20 @@ export class LinuxGuest {
     const btf = Btf.parse(await reader.read(best.gpa, best.size), best.gpa);
     if (btf.byName('task_struct', BtfKind.STRUCT).length === 0) throw new LinuxNotFoundError(`the largest BTF blob (gpa ${hex(best.gpa)}, ${best.size} bytes) has no struct task_struct: not vmlinux's`);
     return { btf, gpa: best.gpa };
+  }
+
+  /**
+   * Runs `body` with the VM paused: an exact snapshot instead of lists that
+   * change while they are read. `monitor` is the VM's QEMU monitor (QMP; the
+   * live target's and the lab's qmp()); the VM runs again however body ends.
+   */
+  static async frozen<T>(monitor: QemuMonitor, body: () => Promise<T>): Promise<T> {
+    await monitor.qmp('stop');
+    try {
+      return await body();
+    } finally {
+      await monitor.qmp('cont');
+    }
   }
 
   // ---------------------------------------------------------------- helpers

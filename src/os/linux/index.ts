@@ -1,5 +1,5 @@
 // Linux guests seen without a profile: kernel base, kallsyms and BTF from the guest's own memory, and views built on them.
-export { LinuxGuest, LinuxProcessView, type AttachOptions, type LinuxProcess, type LinuxModule, type LinuxVma, type DmesgRecord, type Uname } from './guest.js';
+export { LinuxGuest, LinuxProcessView, type AttachOptions, type LinuxProcess, type LinuxModule, type LinuxVma, type DmesgRecord, type Uname, type QemuMonitor } from './guest.js';
 export { KernelSymbols, KALLSYMS_DIGITS, decodeKallsyms, type KernelSymbol, type KallsymsLocation } from './kallsyms.js';
 export { Btf, BtfKind, BTF_MAGIC, type BtfMember, type ResolvedMember, type BtfEnumerator } from './btf.js';
 export { KernelMemory, type KernelLayout } from './memory.js';
