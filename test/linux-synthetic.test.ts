@@ -38,15 +38,15 @@ async function fixture(t: ExecutionContext, opts: SyntheticLinuxOptions = {}, co
 
 const u64 = (v: bigint) => { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt.asUintN(64, v)); return b; };
 
-for (const seqs of [true, false]) {
-  test.serial(`attach from CR3 and by search; every kallsyms line (${seqs ? 'with' : 'without'} seqs_of_names)`, async (t) => {
+for (const [seqs, order, layout] of [[true, 'v6.1', 'v6.2'], [false, 'v6.1', 'v6.1'], [true, 'v6.4', 'v6.4']] as const) {
+  test.serial(`attach from CR3 and by search; every kallsyms line (layout ${layout}: ${order === 'v6.4' ? 'num_syms first, offsets after the token index' : seqs ? 'with seqs_of_names' : 'without seqs_of_names'})`, async (t) => {
     t.timeout(60_000);
-    const { truth, reader, memory } = await fixture(t, { seqs, seed: seqs ? 7 : 8 });
+    const { truth, reader, memory } = await fixture(t, { seqs, order, seed: layout.charCodeAt(3) });
     const g = await LinuxGuest.attach(reader, { cr3: truth.cr3 | 0x1000n | 0x5n }); // PTI user half and PCID bits are ignored
     t.is(g.base.textVa, truth.text);
     t.is(g.base.textPa, truth.textPa);
     t.is(g.base.levels, 4);
-    t.is(g.symbols.layout, seqs ? 'v6.2' : 'v6.1');
+    t.is(g.symbols.layout, layout);
     t.is(g.symbols.count, truth.symbols.length);
     t.deepEqual([...g.symbols].map((s) => `${s.type} ${s.name} ${s.address}`), truth.symbols.map((s) => `${s.type} ${s.name} ${s.address}`));
     t.is(g.symbols.line(0), '0000000000000000 A fixed_percpu_data');
@@ -188,6 +188,10 @@ test.serial('no kallsyms, or a layout this code does not decode: errors that nam
   const u = await t.throwsAsync(LinuxGuest.attach(newer.reader, { cr3: newer.truth.cr3 }), { instanceOf: LinuxUnsupportedError });
   t.regex(u!.message, /no kallsyms_relative_base before kallsyms_num_syms .*newer layout/);
   t.is(u!.code, 'ERR_LINUX_UNSUPPORTED');
+  // 6.4 order, relative_base after the offsets gone too (mainline's PC-relative tables look like that)
+  const pcrel = await fixture(t, { order: 'v6.4' }, (x, m) => m.write(x.relativeBaseGpa, Buffer.alloc(8)));
+  const p = await t.throwsAsync(LinuxGuest.attach(pcrel.reader, { cr3: pcrel.truth.cr3 }), { instanceOf: LinuxUnsupportedError });
+  t.regex(p!.message, /nor after kallsyms_offsets \(found 0x0\): a newer layout \(PC-relative offsets/);
   // a CR3 that is no kernel's page table
   const ok = await fixture(t);
   await t.throwsAsync(LinuxGuest.attach(ok.reader, { cr3: 0x10000n }), { instanceOf: LinuxNotFoundError, message: /no kernel map under CR3 0x10000: PGD 0x10000/ });

@@ -32,7 +32,7 @@ export class LinuxNotFoundError extends LinuxError {
 /** A layout this code does not decode (names what was found). */
 export class LinuxUnsupportedError extends LinuxError {
   constructor(message: string) {
-    super('ERR_LINUX_UNSUPPORTED', message, 'supported: the kallsyms layouts of Linux 4.6-6.1 and 6.2-6.9 (with kallsyms_seqs_of_names), base-relative with absolute percpu');
+    super('ERR_LINUX_UNSUPPORTED', message, 'supported: the base-relative kallsyms layouts of Linux 4.6-6.3 (with or without kallsyms_seqs_of_names) and 6.4 onwards until PC-relative offsets');
   }
 }
 

@@ -2,12 +2,16 @@
  * kallsyms decoded from the kernel's memory (scripts/kallsyms.c writes these
  * tables into .rodata; CONFIG_KALLSYMS_ALL adds the data symbols).
  *
- * Layout decoded here (Linux 4.6 .. 6.9, base-relative, absolute percpu), each
- * table 8-byte aligned:
- *   kallsyms_offsets[N] (s32), kallsyms_relative_base (u64), kallsyms_num_syms (u32),
- *   kallsyms_names, kallsyms_markers[ceil(N/256)] (u32),
- *   [kallsyms_seqs_of_names[N] (3 bytes each), 6.2+ and Debian's 6.1],
- *   kallsyms_token_table (256 NUL-terminated strings), kallsyms_token_index[256] (u16).
+ * Layouts decoded here (base-relative), each table 8-byte aligned:
+ *   4.6 .. 6.3: kallsyms_offsets[N] (s32), kallsyms_relative_base (u64), kallsyms_num_syms (u32),
+ *     kallsyms_names, kallsyms_markers[ceil(N/256)] (u32),
+ *     [kallsyms_seqs_of_names[N] (3 bytes each), 6.2+ and Debian's 6.1],
+ *     kallsyms_token_table (256 NUL-terminated strings), kallsyms_token_index[256] (u16);
+ *   6.4 ..: kallsyms_num_syms, names, markers, token_table, token_index, then
+ *     kallsyms_offsets, kallsyms_relative_base, kallsyms_seqs_of_names.
+ * Offsets with absolute percpu (x86): non-negative ones absolute, the rest
+ * relative_base - 1 - offset; without it (no negative offset at all)
+ * relative_base + offset. Mainline's PC-relative offsets are refused by name.
  * Names: a ULEB128 length (1-2 bytes), then that many token indexes; the
  * first character of the expanded name is the type letter.
  *
@@ -90,6 +94,7 @@ interface Decoded {
   types: string[];
   addresses: BigUint64Array;
   relativeBase: bigint;
+  order: 'v6.1' | 'v6.4';
 }
 
 /** Length of name entry at `p`: [header bytes, token count]. */
@@ -155,13 +160,31 @@ export function decodeKallsyms(buf: Buffer, bufGpa: bigint, anchor: number): Dec
   }
   if (names < 0) return 'no kallsyms_num_syms/kallsyms_names that land on every marker';
   if (found.seqsAt !== null && !(tableStart - found.seqsAt >= 3 * n && tableStart - found.seqsAt < 3 * n + 8)) return 'kallsyms_seqs_of_names length does not match kallsyms_num_syms';
-  const relAt = names - 16;
-  const offsetsAt = relAt - align(4 * n, 8);
-  if (offsetsAt < 0) return 'kallsyms_offsets cut by the window';
-  const relativeBase = buf.readBigUInt64LE(relAt);
-  if ((relativeBase >> 31n) !== 0x1ffffffffn) {
-    return `no kallsyms_relative_base before kallsyms_num_syms (found ${hex(relativeBase)}): a newer layout (relative base after the token index, or PC-relative offsets)`;
+  // kallsyms_relative_base: before kallsyms_num_syms (4.6 .. 6.3), or after kallsyms_offsets,
+  // which follow kallsyms_token_index (6.4+: "scripts/kallsyms: change the output order")
+  const kernelLike = (v: bigint) => (v >> 31n) === 0x1ffffffffn;
+  let relAt = names - 16;
+  let offsetsAt = relAt - align(4 * n, 8);
+  let seqsAt = found.seqsAt;
+  let order: 'v6.1' | 'v6.4' = 'v6.1';
+  if (offsetsAt < 0 || !kernelLike(buf.readBigUInt64LE(relAt))) {
+    const before = offsetsAt < 0 ? 'cut by the window' : hex(buf.readBigUInt64LE(relAt));
+    offsetsAt = align(tt.indexAt + 512, 8);
+    relAt = offsetsAt + align(4 * n, 8);
+    if (relAt + 8 > buf.length) return 'kallsyms_offsets after the token index cut by the window';
+    if (!kernelLike(buf.readBigUInt64LE(relAt))) {
+      return `no kallsyms_relative_base before kallsyms_num_syms (found ${before}) nor after kallsyms_offsets (found ${hex(buf.readBigUInt64LE(relAt))}): a newer layout (PC-relative offsets, no relative base)`;
+    }
+    if (found.seqsAt !== null) return 'kallsyms_seqs_of_names before the token table and kallsyms_offsets after it: no known layout';
+    seqsAt = relAt + 8;
+    if (seqsAt + 3 * n > buf.length) return 'kallsyms_seqs_of_names cut by the window';
+    order = 'v6.4';
   }
+  const relativeBase = buf.readBigUInt64LE(relAt);
+  // Absolute percpu (x86 up to 6.x): non-negative offsets are absolute, the rest relative_base - 1 - offset.
+  // Without it every offset is an unsigned distance from relative_base (the lowest address).
+  let anyNegative = false;
+  for (let i = 0; i < n && !anyNegative; i++) anyNegative = buf.readInt32LE(offsetsAt + 4 * i) < 0;
   // Expand names.
   const tokens = tt.tokens;
   const namesOut: string[] = new Array(n);
@@ -177,16 +200,15 @@ export function decodeKallsyms(buf: Buffer, bufGpa: bigint, anchor: number): Dec
     types[i] = s[0]!;
     namesOut[i] = s.slice(1);
     const off = buf.readInt32LE(offsetsAt + 4 * i);
-    // absolute percpu: non-negative offsets are absolute; the rest relative to the base, negated
-    addresses[i] = off >= 0 ? BigInt(off) : relativeBase - 1n - BigInt(off);
+    addresses[i] = !anyNegative ? relativeBase + BigInt(off >>> 0) : off >= 0 ? BigInt(off) : relativeBase - 1n - BigInt(off);
   }
   const at = (o: number) => bufGpa + BigInt(o);
   return {
     loc: {
       tokenTable: at(tableStart), tokenIndex: at(tt.indexAt), markers: at(markersAt), names: at(names), numSyms: at(names - 8),
-      relativeBase: at(relAt), offsets: at(offsetsAt), seqsOfNames: found.seqsAt === null ? null : at(found.seqsAt),
+      relativeBase: at(relAt), offsets: at(offsetsAt), seqsOfNames: seqsAt === null ? null : at(seqsAt),
     },
-    names: namesOut, types, addresses, relativeBase,
+    names: namesOut, types, addresses, relativeBase, order,
   };
 }
 
@@ -203,8 +225,12 @@ export class KernelSymbols {
   /** Addresses in table order (ascending). */
   readonly addresses: BigUint64Array;
   readonly location: KallsymsLocation;
-  /** 'v6.1' (no seqs_of_names) or 'v6.2' (with kallsyms_seqs_of_names). */
-  readonly layout: 'v6.1' | 'v6.2';
+  /**
+   * 'v6.1': offsets first, no seqs_of_names; 'v6.2': offsets first, seqs_of_names before the
+   * token table (6.2, 6.3, Debian's 6.1); 'v6.4': num_syms first, offsets, relative_base and
+   * seqs_of_names after the token index (6.4 .. 6.12 and later until PC-relative offsets).
+   */
+  readonly layout: 'v6.1' | 'v6.2' | 'v6.4';
   #byName: Map<string, number> | undefined;
 
   constructor(d: Decoded) {
@@ -212,7 +238,7 @@ export class KernelSymbols {
     this.types = d.types;
     this.addresses = d.addresses;
     this.location = d.loc;
-    this.layout = d.loc.seqsOfNames === null ? 'v6.1' : 'v6.2';
+    this.layout = d.order === 'v6.4' ? 'v6.4' : d.loc.seqsOfNames === null ? 'v6.1' : 'v6.2';
   }
 
   get count(): number { return this.names.length; }
@@ -304,8 +330,10 @@ export async function locateKallsyms(
     const pre = tokenTableAt(small, Number(hit - small0));
     if (pre !== null) { why.push(`${hex(hit)}: ${pre}`); continue; }
     const big0 = (hit - (12n << 20n) < bounds.from ? bounds.from : hit - (12n << 20n)) & ~7n;
+    // 6.4+ keeps offsets, relative_base and seqs_of_names (7 bytes a symbol) after the token index
+    const big1 = hit + (6n << 20n) > bounds.to ? bounds.to : hit + (6n << 20n);
     let big: Buffer;
-    try { big = await read(big0, Number(small1 - big0)); } catch (e) { why.push(`${hex(hit)}: ${(e as Error).message}`); continue; }
+    try { big = await read(big0, Number(big1 - big0)); } catch (e) { why.push(`${hex(hit)}: ${(e as Error).message}`); continue; }
     const d = decodeKallsyms(big, big0, Number(hit - big0));
     if (typeof d === 'string') {
       why.push(`${hex(hit)}: ${d}`);

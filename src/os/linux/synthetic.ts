@@ -93,7 +93,8 @@ export class BtfWriter {
 export interface SymbolSpec { name: string; type: string; address: bigint }
 
 /** The tables of scripts/kallsyms.c (6.1 order), each 8-aligned from `at` (8-aligned). Returns the bytes and where each table is. */
-export function writeKallsyms(symbols: readonly SymbolSpec[], relativeBase: bigint, opts: { seqs: boolean }): { bytes: Buffer; tokenTable: number; names: number; markers: number } {
+export function writeKallsyms(symbols: readonly SymbolSpec[], relativeBase: bigint, opts: { seqs: boolean; order?: 'v6.1' | 'v6.4' }): { bytes: Buffer; tokenTable: number; names: number; markers: number; relativeBase: number } {
+  const v64 = opts.order === 'v6.4';
   const n = symbols.length;
   // Tokens: every character used stands for itself; the free slots hold a few multi-character tokens (used greedily).
   const tokens: string[] = new Array(256).fill('');
@@ -123,8 +124,9 @@ export function writeKallsyms(symbols: readonly SymbolSpec[], relativeBase: bigi
     const rel = s.address < relativeBase ? Number(s.address) : Number(relativeBase - 1n - s.address);
     offsets.writeInt32LE(rel, 4 * i);
   });
-  push(offsets); pad8();
-  const rb = Buffer.alloc(8); rb.writeBigUInt64LE(relativeBase); push(rb);
+  const rb = Buffer.alloc(8); rb.writeBigUInt64LE(relativeBase);
+  let relAt = -1;
+  if (!v64) { push(offsets); pad8(); relAt = len; push(rb); }
   const ns = Buffer.alloc(8); ns.writeUInt32LE(n); push(ns);
   const names = len;
   const markers: number[] = [];
@@ -143,12 +145,10 @@ export function writeKallsyms(symbols: readonly SymbolSpec[], relativeBase: bigi
   const mb = Buffer.alloc(4 * markers.length);
   markers.forEach((m, i) => mb.writeUInt32LE(m, 4 * i));
   push(mb); pad8();
-  if (opts.seqs) {
-    const order = symbols.map((s, i) => [s.name, i] as const).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] - b[1]));
-    const sb = Buffer.alloc(3 * n);
-    order.forEach(([, i], j) => { sb[3 * j] = (i >> 16) & 0xff; sb[3 * j + 1] = (i >> 8) & 0xff; sb[3 * j + 2] = i & 0xff; });
-    push(sb); pad8();
-  }
+  const order = symbols.map((s, i) => [s.name, i] as const).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] - b[1]));
+  const sb = Buffer.alloc(3 * n);
+  order.forEach(([, i], j) => { sb[3 * j] = (i >> 16) & 0xff; sb[3 * j + 1] = (i >> 8) & 0xff; sb[3 * j + 2] = i & 0xff; });
+  if (opts.seqs && !v64) { push(sb); pad8(); }
   const tokenTable = len;
   const tIndex = Buffer.alloc(512);
   let to = 0;
@@ -156,7 +156,8 @@ export function writeKallsyms(symbols: readonly SymbolSpec[], relativeBase: bigi
   tokens.forEach((t, i) => { tIndex.writeUInt16LE(to, 2 * i); const b = Buffer.from(`${t}\0`, 'latin1'); tb.push(b); to += b.length; });
   push(Buffer.concat(tb)); pad8();
   push(tIndex);
-  return { bytes: Buffer.concat(parts), tokenTable, names, markers: markersAt };
+  if (v64) { pad8(); push(offsets); pad8(); relAt = len; push(rb); push(sb); }
+  return { bytes: Buffer.concat(parts), tokenTable, names, markers: markersAt, relativeBase: relAt };
 }
 
 // ---------------------------------------------------------------- the guest
@@ -167,6 +168,8 @@ export interface SyntheticLinuxOptions {
   seqs?: boolean;
   /** Generated function symbols besides the named ones (default 700: three markers). */
   extraSymbols?: number;
+  /** kallsyms table order: 'v6.1' (offsets first; default) or 'v6.4' (num_syms first, offsets after the token index). */
+  order?: 'v6.1' | 'v6.4';
 }
 
 export interface SyntheticLinuxTask { pid: number; ppid: number; comm: string; kthread: boolean; uid: number; va: bigint }
@@ -297,7 +300,7 @@ export function buildSyntheticLinux(memory: SyntheticMemory & { read(gpa: bigint
     { name: 'fixed_percpu_data', type: 'A', address: 0n }, { name: '__per_cpu_start', type: 'A', address: 0n }, { name: 'runqueues', type: 'A', address: 0x2c000n },
     ...named.sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0)),
   ];
-  const ks = writeKallsyms(symbols, text, { seqs: opts.seqs ?? true });
+  const ks = writeKallsyms(symbols, text, { seqs: opts.seqs ?? true, order: opts.order ?? 'v6.1' });
   write(at(KALLSYMS), ks.bytes);
   write(at(BTF_AT), btf);
   write(at(BANNER), Buffer.from(`${banner}\n\0`, 'latin1'));
@@ -411,7 +414,7 @@ export function buildSyntheticLinux(memory: SyntheticMemory & { read(gpa: bigint
     process: { pid: 97, argv, env, vma: { start: USER_VA, end: USER_VA + 0x1000n } },
     btfGpa: pa(at(BTF_AT)), btfBytes: btf.length,
     offsets: { tasksNext: 0x60, tasksPrev: 0x68, moduleList: 0x08 },
-    tokenTableGpa: pa(at(KALLSYMS + ks.tokenTable)), namesGpa: pa(at(KALLSYMS + ks.names)), relativeBaseGpa: pa(at(KALLSYMS + ks.names - 16)),
+    tokenTableGpa: pa(at(KALLSYMS + ks.tokenTable)), namesGpa: pa(at(KALLSYMS + ks.names)), relativeBaseGpa: pa(at(KALLSYMS + ks.relativeBase)),
     pa, write,
   };
 }
