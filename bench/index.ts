@@ -15,6 +15,7 @@ import * as libc from '../src/sys/libc.js';
 import { ROOT, buildC, getGc, round, type BenchOptions, type BenchReport, type Ctx, type Group } from './harness.js';
 import { benchIoctl } from './ioctl.js';
 import { benchLibkvmi } from './libkvmi.js';
+import { benchLinux } from './linux.js';
 import { benchModel } from './model.js';
 import { benchPhysical } from './physical.js';
 import { formatTable, writeReport } from './report.js';
@@ -27,7 +28,7 @@ export type { BenchOptions, BenchReport, Row, Stat } from './harness.js';
 export { formatTable, markdown, writeReport, type ReportPaths } from './report.js';
 
 const GROUPS: Record<string, Group> = {
-  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, physical: benchPhysical, yara: benchYara,
+  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, physical: benchPhysical, yara: benchYara, linux: benchLinux,
 };
 
 /** The groups, in the order a full run takes them. */

@@ -13,3 +13,5 @@ export {
 // Worker threads: the typed refusal, and cleanup for workers created before kvmmem was imported.
 export { ThreadUnsafeError, reapThread } from './sys/thread.js';
 export type { Reaped } from './sys/thread.js';
+// Linux guests without a profile: kernel base, kallsyms, BTF and views (docs/linux-views.md).
+export * from './os/linux/index.js';

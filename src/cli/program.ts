@@ -15,6 +15,7 @@ import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
 import { registerYara } from './yara.js';
+import { registerLinuxCommands } from './linux.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -145,11 +146,13 @@ export function buildProgram(): Command {
       return failed === 0 ? EXIT.OK : EXIT.FAILED;
     }));
 
+  registerLinuxCommands(program);
+
   program.command('bench')
     .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes latest.json and BENCHMARKS.md into --out')
     .option('--quick', 'smaller sizes and fewer repetitions (under a minute)')
     .option('--json', 'one JSON document instead of the table')
-    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale,physical,yara')
+    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale,physical,yara,linux')
     .option('--out <dir>', 'where latest.json and BENCHMARKS.md go', 'kvmmem-bench')
     .option('--no-write', 'do not write latest.json and BENCHMARKS.md')
     .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')

@@ -21,6 +21,8 @@ export interface Truth {
   kernelCode: bigint;
   /** Kernel symbols from /proc/kallsyms (kptr_restrict=0), e.g. _text, linux_banner, init_uts_ns, jiffies_64, init_task. */
   symbols: Map<string, bigint>;
+  /** Every other `KVMMEM-TRUTH <key> <value>` line, in console order (e.g. from a /kvmmem-truth.sh hook). */
+  extra: { key: string; value: string }[];
 }
 
 export interface LiveTarget {
@@ -59,6 +61,12 @@ export interface BootOptions {
   memMb?: number;
   /** How long to wait for the guest's `KVMMEM-TRUTH ready` line (default 60000). */
   timeoutMs?: number;
+  /** gzip'ed newc cpio archives appended to the provisioned initramfs (later files win), e.g. a /kvmmem-truth.sh hook. */
+  extraInitrd?: string[];
+  /** QEMU -cpu model (default QEMU's own; 'max' gives LA57, i.e. 5-level paging). */
+  cpu?: string;
+  /** Extra kernel command-line words (e.g. 'nokaslr'). */
+  append?: string;
 }
 
 /** The command that provisions the live target (run from the repository root). */
@@ -116,6 +124,7 @@ export function parseTruth(consoleText: string): Truth {
   let banner: string | undefined;
   let kernelCode: bigint | undefined;
   const symbols = new Map<string, bigint>();
+  const extra: { key: string; value: string }[] = [];
   for (const raw of consoleText.split('\n')) {
     const line = raw.replace(/\r/g, '');
     const at = line.indexOf('KVMMEM-TRUTH ');
@@ -132,13 +141,15 @@ export function parseTruth(consoleText: string): Truth {
     } else if (key === 'sym') {
       const m = /^(\S+)\s+(?:0x)?([0-9a-fA-F]+)\s*$/.exec(val);
       if (m && !symbols.has(m[1]!)) symbols.set(m[1]!, BigInt('0x' + m[2]));
+    } else if (key !== 'ready') {
+      extra.push({ key, value: val });
     }
   }
   if (banner === undefined || !banner.startsWith('Linux version')) throw new Error('truth: no banner line');
   if (kernelCode === undefined) throw new Error('truth: no kernel_code line');
   if (!symbols.has('_text')) throw new Error('truth: no _text symbol');
   if (symbols.get('_text') === 0n) throw new Error('truth: kallsyms addresses are zero (kptr_restrict?)');
-  return { banner, kernelCode, symbols };
+  return { banner, kernelCode, symbols, extra };
 }
 
 // ---------------------------------------------------------------- QMP
@@ -410,12 +421,21 @@ export async function bootLiveTarget(name: string, opts: BootOptions = {}): Prom
     if (e instanceof Error && e.message.startsWith('live target')) throw e;
   }
   for (const f of [ramPath, consolePath, qmpPath, pidPath, logPath]) fs.rmSync(f, { force: true });
+  // The kernel unpacks concatenated initramfs archives in order: extras land on top of the provisioned one.
+  let initrdPath = initrd;
+  const runFiles: string[] = [];
+  if (opts.extraInitrd !== undefined && opts.extraInitrd.length > 0) {
+    initrdPath = path.join(run, `${name}.initrd`);
+    fs.writeFileSync(initrdPath, Buffer.concat([initrd, ...opts.extraInitrd].map((f) => fs.readFileSync(f))));
+    runFiles.push(initrdPath);
+  }
 
   const qemuArgs = [
     '-accel', 'tcg', '-smp', '1', '-m', `${memMb}M`,
     '-object', `memory-backend-file,id=ram,size=${memMb}M,mem-path=${ramPath},share=on`,
     '-machine', 'q35,memory-backend=ram', '-nodefaults', '-display', 'none', '-no-reboot',
-    '-kernel', kernel, '-initrd', initrd, '-append', 'console=ttyS0 panic=-1',
+    '-kernel', kernel, '-initrd', initrdPath, '-append', `console=ttyS0 panic=-1${opts.append ? ` ${opts.append}` : ''}`,
+    ...(opts.cpu ? ['-cpu', opts.cpu] : []),
     '-serial', `file:${consolePath}`, '-qmp', `unix:${qmpPath},server,nowait`, '-pidfile', pidPath,
   ];
   const setpriv = findOnPath('setpriv');
@@ -432,7 +452,7 @@ export async function bootLiveTarget(name: string, opts: BootOptions = {}): Prom
   } finally {
     fs.closeSync(logFd);
   }
-  const rec: Running = { child, ramPath, files: [qmpPath, pidPath, consolePath, logPath] };
+  const rec: Running = { child, ramPath, files: [qmpPath, pidPath, consolePath, logPath, ...runFiles] };
   running.add(rec);
   child.unref(); // a forgotten target must not hang the process; the exit hook kills it
   let spawnError: Error | null = null;
