@@ -69,8 +69,8 @@ export class LinuxDevice implements Device {
     checkBatch(args, stride, count, results);
     if (libc.batchAvailable()) {
       return stride > 0
-        ? libc.ioctlManyPtr(this.#fd, request, args, stride, count, results)
-        : libc.ioctlManyVal(this.#fd, request, args, count, results);
+        ? libc.ioctlManyPtrRaw(this.#fd, request, args, stride, count, results)
+        : libc.ioctlManyValRaw(this.#fd, request, args, count, results);
     }
     return ioctlBatchByOne((req, a) => libc.ioctlRaw(this.#fd, req, a), request, args, stride, count, results);
   }

@@ -64,7 +64,7 @@ function lookUp(args: Uint8Array, stride: number, count: number): Uint8Array {
     while (j + 1 < m && sorted[j + 1]! - sorted[j]! <= SPAN_GAP && (sorted[j + 1]! - sorted[i]!) / PAGE_SIZE < SPAN_MAX_PAGES) j++;
     const first = sorted[i]!, n = (sorted[j]! - first) / PAGE_SIZE + 1;
     const vec = new Uint8Array(n);
-    if (libc.mincore(first, n * PAGE_SIZE, vec) === 0) {
+    if (libc.mincore(first, n * PAGE_SIZE, vec)) {
       for (let k = i; k <= j; k++) sortedCode[k] = LOOKED_UP | (vec[(sorted[k]! - first) / PAGE_SIZE]! & RESIDENT);
     }
     i = j + 1;

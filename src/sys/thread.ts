@@ -20,7 +20,7 @@
  *    worker_threads environment data): when a worker ends, the thread that created
  *    it (if it imported kvmmem) closes the fds and unmaps the mappings that worker
  *    still owned, and removes its temp directories. A worker's own 'exit' does the
- *    same for itself. This module is the first thing src/sys/libc.ts imports.
+ *    same for itself. This module is the first thing src/sys/ffi.ts imports.
  */
 import ffi from 'ffi-rs';
 import { lstatSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
