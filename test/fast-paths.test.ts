@@ -1,5 +1,5 @@
 /**
- * The fast paths added for issue 6 (benchmarks): pointer arguments passed as
+ * The fast paths measured in BENCHMARKS.md: pointer arguments passed as
  * addresses (pinned buffers, or staged through libc's scratch arena), one native
  * call per single remap, one promise per token batch, two token batches in
  * flight. Each must behave exactly like the path it replaces. No timings here.

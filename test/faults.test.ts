@@ -1,5 +1,5 @@
 /**
- * The model must never kill the process (issue 9, items 2 and 4):
+ * The model must never kill the process (docs/driver-model.md, deviations 11 and 12):
  * - a guest RAM file that shrinks while mapped gives ERR_GUEST_MEMORY_SHRUNK
  *   (errno -EFAULT), never SIGBUS: pages of RAM files are guarded by the batch
  *   helper's SIGBUS handler, MAPs past the file's end are refused, memfd RAM is

@@ -1,4 +1,4 @@
-// The /dev/kvmmem driver model against seed 003 (kvmi_mem_guest.c), through the
+// The /dev/kvmmem driver model against RFC v4 02/18 kvmi_mem_guest.c, through the
 // Device interface (ModelDevice) and the driver itself: every check, its order,
 // its error code, the quirks, release, real aliasing, and batches.
 import test, { type ExecutionContext } from 'ava';

@@ -1,6 +1,6 @@
 // Property: random sequences of open / MAP / UNMAP / batch MAP / batch UNMAP /
 // close / unhook / rehook over two driver files and two VMs behave exactly like
-// a small reference state machine (the driver lists of seed 003, the host's
+// a small reference state machine (the driver lists of RFC v4 kvmi_mem_guest.c, the host's
 // {page, VM, gpa} list, tokens), checked after every step, including which
 // introspector pages alias which guest page, live in both directions.
 import test from 'ava';
