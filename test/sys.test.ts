@@ -89,7 +89,7 @@ test('a live view sees a native write, and native code sees a JS write', (t) => 
   } finally {
     w.free();
   }
-  t.throws(() => libc.view(4096, 2 ** 32 + 1), { instanceOf: RangeError, message: /4 GiB/ });
+  t.throws(() => libc.view(4096, 2 ** 32 + 1), { instanceOf: UsageError, message: /4 GiB/ });
 });
 
 test('remapSharedRaw aliases a file page live; remapFreshRaw gives back a zeroed page', (t) => {
@@ -130,3 +130,14 @@ function readFileSmaps(addr: number): string | undefined {
   const next = rest.slice(body).search(/^[0-9a-f]+-[0-9a-f]+ /m);
   return next < 0 ? rest : rest.slice(0, body + next);
 }
+
+test('bad arguments to src/sys are UsageErrors (ERR_INVALID_ARG), before any call', async (t) => {
+  const usage = (fn: () => unknown, message: RegExp) => t.throws(fn, { instanceOf: UsageError, code: 'ERR_INVALID_ARG', message });
+  usage(() => libc.view(0, 16), /view: bad address 0/);
+  usage(() => libc.sockaddrVm(-1), /vsock port must be a u32/);
+  usage(() => libc.sockaddrVm(1024, 2 ** 32), /vsock cid must be a u32/);
+  usage(() => libc.sockaddrUn('x'.repeat(108)), /unix socket path must be 1\.\.107 bytes/);
+  usage(() => libc.readRaw(0, new Uint8Array(4), 5), /read: len 5 exceeds the 4-byte buffer/);
+  usage(() => libc.writeRaw(1, new Uint8Array(4), 5), /write: len 5 exceeds the 4-byte buffer/);
+  await t.throwsAsync(libc.pollRaw(Buffer.alloc(8), 2, 0), { instanceOf: UsageError, message: /poll: 2 pollfds do not fit in 8 bytes/ });
+});

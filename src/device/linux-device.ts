@@ -5,7 +5,7 @@
  */
 import * as libc from '../sys/libc.js';
 import { KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
-import { ClosedError, KvmmemError, NoDeviceError, SyscallError } from '../errors.js';
+import { ClosedError, KvmmemError, NoDeviceError, SyscallError, UsageError } from '../errors.js';
 import { deviceError } from './hints.js';
 import { ioctlBatchByOne, type Device, type IoctlArg } from './device.js';
 
@@ -91,6 +91,6 @@ export class LinuxDevice implements Device {
 export function checkBatch(args: Uint8Array, stride: number, count: number, results: Int32Array): void {
   const need = stride > 0 ? stride * count : 8 * count;
   if (!Number.isInteger(count) || count < 0 || args.byteLength < need || results.length < count) {
-    throw new RangeError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
+    throw new UsageError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
   }
 }

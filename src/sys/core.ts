@@ -2,6 +2,7 @@
  * The core calls: files and file descriptors (open, close, fcntl, memfd,
  * read, write, pipe2, poll) and ioctl(2).
  */
+import { UsageError } from '../errors.js';
 import { DataType, LIBC, errnoLive, errnoView, fail, load, type Errno } from './ffi.js';
 import { checked, selfChecked, stager } from './memory.js';
 
@@ -56,14 +57,14 @@ export function closeRaw(fd: number): number {
 
 /** read(2) into buf[0, len): bytes read (0 = EOF) or -errno. */
 export function readRaw(fd: number, buf: Uint8Array, len: number = buf.length): number {
-  if (len > buf.length) throw new RangeError(`read: len ${len} exceeds the ${buf.length}-byte buffer`);
+  if (len > buf.length) throw new UsageError(`read: len ${len} exceeds the ${buf.length}-byte buffer`);
   const r = load({ library: LIBC, funcName: 'read', retType: I64, paramsType: [I32, U8Array, U64], paramsValue: [fd, buf, len], errno: true }) as Errno<number>;
   return r.value < 0 ? -r.errnoCode : r.value;
 }
 
 /** write(2) of buf[0, len): bytes written or -errno (Node ignores SIGPIPE, so a closed peer gives -EPIPE). */
 export function writeRaw(fd: number, buf: Uint8Array, len: number = buf.length): number {
-  if (len > buf.length) throw new RangeError(`write: len ${len} exceeds the ${buf.length}-byte buffer`);
+  if (len > buf.length) throw new UsageError(`write: len ${len} exceeds the ${buf.length}-byte buffer`);
   const r = load({ library: LIBC, funcName: 'write', retType: I64, paramsType: [I32, U8Array, U64], paramsValue: [fd, buf, len], errno: true }) as Errno<number>;
   return r.value < 0 ? -r.errnoCode : r.value;
 }
@@ -84,7 +85,7 @@ export function pipe2(flags = 0): [number, number] {
  * untouched until the promise settles.
  */
 export async function pollRaw(fds: Buffer, nfds: number, timeoutMs: number): Promise<number> {
-  if (nfds * POLLFD_SIZE > fds.length) throw new RangeError(`poll: ${nfds} pollfds do not fit in ${fds.length} bytes`);
+  if (nfds * POLLFD_SIZE > fds.length) throw new UsageError(`poll: ${nfds} pollfds do not fit in ${fds.length} bytes`);
   const r = await load({ library: LIBC, funcName: 'poll', retType: I32, paramsType: [U8Array, U64, I32], paramsValue: [fds, nfds, timeoutMs], errno: true, runInNewThread: true }) as Errno<number>;
   return r.value < 0 ? -r.errnoCode : r.value;
 }

@@ -4,7 +4,7 @@
  * self-check that runs before the first view or ioctl.
  */
 import { ERRNO } from '../abi/errno.js';
-import { SyscallError } from '../errors.js';
+import { SyscallError, UsageError } from '../errors.js';
 import { DataType, LIBC, createExternalBuffer, errnoLive, errnoView, externalAt, fail, load, setErrnoLive, type Errno } from './ffi.js';
 
 const { I32, I64, U64, U8Array, Void } = DataType;
@@ -225,9 +225,9 @@ export function mincore(addr: number, length: number, vec: Uint8Array): boolean 
  * the Buffer never unmaps anything: the caller owns the memory's lifetime.
  */
 export function view(addr: number, length: number): Buffer {
-  if (!Number.isSafeInteger(addr) || addr <= 0) throw new RangeError(`view: bad address ${addr}`);
+  if (!Number.isSafeInteger(addr) || addr <= 0) throw new UsageError(`view: bad address ${addr}`);
   if (!Number.isSafeInteger(length) || length <= 0 || length > MAX_VIEW_BYTES) {
-    throw new RangeError(`view: length ${length} is outside 1..${MAX_VIEW_BYTES} (a single view is at most 4 GiB)`);
+    throw new UsageError(`view: length ${length} is outside 1..${MAX_VIEW_BYTES} (a single view is at most 4 GiB)`);
   }
   if (checked !== true) selfChecked();
   return createExternalBuffer(externalAt(addr), length);

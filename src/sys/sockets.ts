@@ -5,6 +5,7 @@
  * the addresses, socket/bind/listen/getsockname (throw SyscallError) and
  * accept4Raw/shutdownRaw (-errno).
  */
+import { UsageError } from '../errors.js';
 import { DataType, LIBC, fail, load, type Errno } from './ffi.js';
 
 const { I32, U64, U8Array } = DataType;
@@ -17,8 +18,8 @@ export const SOCKADDR_VM_SIZE = 16, SOCKADDR_UN_SIZE = 110;
 
 /** struct sockaddr_vm { u16 family; u16 reserved1; u32 port; u32 cid; u8 zero[4]; } (16 bytes). */
 export function sockaddrVm(port: number, cid: number = VMADDR_CID_ANY): Buffer {
-  if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) throw new RangeError(`vsock port must be a u32, got ${String(port)}`);
-  if (!Number.isInteger(cid) || cid < 0 || cid > 0xffffffff) throw new RangeError(`vsock cid must be a u32, got ${String(cid)}`);
+  if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) throw new UsageError(`vsock port must be a u32, got ${String(port)}`);
+  if (!Number.isInteger(cid) || cid < 0 || cid > 0xffffffff) throw new UsageError(`vsock cid must be a u32, got ${String(cid)}`);
   const a = Buffer.alloc(SOCKADDR_VM_SIZE);
   a.writeUInt16LE(AF_VSOCK, 0);
   a.writeUInt32LE(port, 4);
@@ -29,7 +30,7 @@ export function sockaddrVm(port: number, cid: number = VMADDR_CID_ANY): Buffer {
 /** struct sockaddr_un { u16 family; char path[108]; }; the path must fit with its NUL. */
 export function sockaddrUn(path: string): Buffer {
   const p = Buffer.from(path, 'utf8');
-  if (p.length === 0 || p.length > 107 || p.includes(0)) throw new RangeError(`unix socket path must be 1..107 bytes without NUL, got ${p.length} bytes`);
+  if (p.length === 0 || p.length > 107 || p.includes(0)) throw new UsageError(`unix socket path must be 1..107 bytes without NUL, got ${p.length} bytes`);
   const a = Buffer.alloc(SOCKADDR_UN_SIZE);
   a.writeUInt16LE(AF_UNIX, 0);
   p.copy(a, 2);
