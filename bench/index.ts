@@ -1,5 +1,5 @@
 /**
- * The benchmarks of issue 6, each measured side by side with its baseline in the
+ * The benchmarks of BENCHMARKS.md, each measured side by side with its baseline in the
  * same run (runs interleaved, repeated, min/median/max). One file per group over
  * the shared harness; `npm run bench` (bench/run.ts) in a checkout, `kvmmem bench`
  * (compiled into dist/bench by `npm run build`) from an installed package.

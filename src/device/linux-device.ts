@@ -6,7 +6,7 @@
 import * as libc from '../sys/libc.js';
 import { KVM_GUEST_MEM_UNMAP_V2, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
 import { ERRNO } from '../abi/errno.js';
-import { ClosedError, KvmmemError, KvmmemV2DeviceError, NoDeviceError, SyscallError } from '../errors.js';
+import { ClosedError, KvmmemError, KvmmemV2DeviceError, NoDeviceError, SyscallError, UsageError } from '../errors.js';
 import { deviceError } from './hints.js';
 import { ioctlBatchByOne, type Device, type IoctlArg } from './device.js';
 
@@ -71,8 +71,8 @@ export class LinuxDevice implements Device {
     checkBatch(args, stride, count, results);
     if (libc.batchAvailable()) {
       return stride > 0
-        ? libc.ioctlManyPtr(this.#fd, request, args, stride, count, results)
-        : libc.ioctlManyVal(this.#fd, request, args, count, results);
+        ? libc.ioctlManyPtrRaw(this.#fd, request, args, stride, count, results)
+        : libc.ioctlManyValRaw(this.#fd, request, args, count, results);
     }
     return ioctlBatchByOne((req, a) => libc.ioctlRaw(this.#fd, req, a), request, args, stride, count, results);
   }
@@ -93,7 +93,7 @@ export class LinuxDevice implements Device {
 export function checkBatch(args: Uint8Array, stride: number, count: number, results: Int32Array): void {
   const need = stride > 0 ? stride * count : 8 * count;
   if (!Number.isInteger(count) || count < 0 || args.byteLength < need || results.length < count) {
-    throw new RangeError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
+    throw new UsageError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
   }
 }
 
