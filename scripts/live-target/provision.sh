@@ -205,3 +205,5 @@ echo "INITRD=$INITRD"
 echo "QEMU=$QEMU"
 # Lab agent (native/lab/, cached by source hash); optional: report and continue.
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/build-agent.sh" >/dev/null 2>"$DIR/agent-build.log" && log "lab agent built" || log "warning: lab agent not built (see $DIR/agent-build.log); the live target works without it"
+# The two-VM lab's introspector (virtiofsd, guest modules, runner, initramfs): scripts/lab/provision-vm.sh.
+bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-vm.sh" >/dev/null 2>"$DIR/lab-vm.log" && log "lab introspector provisioned" || { cat "$DIR/lab-vm.log" >&2; log "warning: lab introspector not provisioned (see $DIR/lab-vm.log); the live target works without it"; }
