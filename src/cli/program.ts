@@ -14,6 +14,7 @@ import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progres
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
+import { addLabCommand } from './lab.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -182,6 +183,7 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')
     .action((o) => runCommand(() => benchCommand(o)));
 
+  addLabCommand(program);
   return program;
 }
 
