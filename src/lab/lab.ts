@@ -257,7 +257,7 @@ export class Lab {
       target: { vm: targetVm, ramPath: target.ramPath, memMb: targetMb, pid: target.pid },
       introspector: { vm: introVm, ramPath: introRam, memMb: introMb, pid: intro.qemu.pid, ip: intro.ip, status: intro.status },
       mailboxPath: agent ? mailboxPath : null, agentSocket: intro.agentSocket, host: hostInfo, device,
-      ms: { target: tTarget, introspector: tIntro, host: msHost, module: msModule, up: 0 },
+      ms: { target: Math.round(tTarget), introspector: Math.round(tIntro), host: Math.round(msHost), module: Math.round(msModule), up: 0 },
     };
     const lab = new Lab(info, target, intro, host, cookie, state);
     try {
@@ -266,7 +266,7 @@ export class Lab {
       await lab.close();
       throw e;
     }
-    info.ms.up = performance.now() - t0;
+    info.ms.up = Math.round(performance.now() - t0);
     state.state = 'ready';
     state.info = info;
     writeState(runDir, state);

@@ -141,7 +141,7 @@ export function listLabs(): { name: string; runDir: string; state: LabState | nu
   } catch {
     return [];
   }
-  return names.sort().map((name) => {
+  return names.filter((n) => { try { return fs.statSync(path.join(labsRoot(), n)).isDirectory(); } catch { return false; } }).sort().map((name) => {
     const runDir = path.join(labsRoot(), name);
     const state = readState(runDir);
     return { name, runDir, state, alive: state !== null && alive(state.owner) };
