@@ -7,7 +7,7 @@
  */
 import { type Command, InvalidArgumentError } from 'commander';
 import { constants as osConstants } from 'node:os';
-import { LabError } from '../lab/errors.js';
+import { LAB_PROVISION_COMMAND, LabError } from '../lab/errors.js';
 import { Lab, type LabInfo } from '../lab/lab.js';
 import { LabClient, runLabDaemon, spawnLabDaemon } from '../lab/client.js';
 import { alive, DEFAULT_LAB_NAME, listLabs, readState, runDirOf, stopLab } from '../lab/run-dir.js';
@@ -58,7 +58,8 @@ function onSignals(onSignal: (sig: (typeof EXIT_SIGNALS)[number]) => void): void
 
 /** Adds `lab` to the program (through program.command, so it inherits exitOverride and the error output). */
 export function addLabCommand(program: Command): Command {
-  const lab = program.command('lab').description('the two-VM lab: a live target VM and an introspector VM with /dev/kvmmem (docs/lab.md)');
+  const lab = program.command('lab').description('the two-VM lab: a live target VM and an introspector VM with /dev/kvmmem (docs/lab.md)')
+    .addHelpText('after', `\nProvision once with: ${LAB_PROVISION_COMMAND}\n\nExamples:\n  kvmmem lab up\n  kvmmem lab run -- node -e "console.log(process.env.KVMMEM_LISTEN)"\n  kvmmem lab status\n  kvmmem lab down`);
 
   lab.command('up')
     .description('boot a lab (target + introspector VMs, lab host) in a background process that outlives this command')
@@ -143,6 +144,7 @@ export function addLabCommand(program: Command): Command {
     .description('stop a lab: its daemon, VMs and virtiofsd by pid; removes its run directory and /dev/shm files')
     .option('--name <name>', 'lab name', DEFAULT_LAB_NAME)
     .option('--json', 'one JSON document')
+    .addHelpText('after', '\nExamples:\n  kvmmem lab down\n  kvmmem lab down --name ci')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       const r = await stopLab(o.name);
@@ -156,6 +158,7 @@ export function addLabCommand(program: Command): Command {
   lab.command('status')
     .description('the labs on this machine: state, pids, listen address, device')
     .option('--json', 'one JSON document')
+    .addHelpText('after', '\nExamples:\n  kvmmem lab status\n  kvmmem lab status --json')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       const labs = listLabs().map((l) => ({
