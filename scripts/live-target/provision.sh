@@ -207,3 +207,8 @@ echo "QEMU=$QEMU"
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/build-agent.sh" >/dev/null 2>"$DIR/agent-build.log" && log "lab agent built" || log "warning: lab agent not built (see $DIR/agent-build.log); the live target works without it"
 # The two-VM lab's introspector (virtiofsd, guest modules, runner, initramfs): scripts/lab/provision-vm.sh.
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-vm.sh" >/dev/null 2>"$DIR/lab-vm.log" && log "lab introspector provisioned" || { cat "$DIR/lab-vm.log" >&2; log "warning: lab introspector not provisioned (see $DIR/lab-vm.log); the live target works without it"; }
+# The guest module (kvmmem.ko, the kmod helper's script) when this checkout has it.
+KMOD_SCRIPT="$(dirname "${BASH_SOURCE[0]}")/../lab/provision-kmod.sh"
+if [ -f "$KMOD_SCRIPT" ]; then
+  bash "$KMOD_SCRIPT" >/dev/null 2>"$DIR/kmod.log" && log "lab kernel module built" || log "warning: lab kernel module not built (see $DIR/kmod.log); the lab runs without /dev/kvmmem"
+fi

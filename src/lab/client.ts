@@ -17,12 +17,19 @@ export class LabClient {
   private constructor(private readonly conn: RunnerConnection, readonly info: LabInfo) {}
 
   /** Connect to the running lab NAME; rejects ELAB_NOT_UP when there is none (or it is still starting). */
-  static async connect(name = DEFAULT_LAB_NAME, timeoutMs = 10_000): Promise<LabClient> {
+  static async connect(name = DEFAULT_LAB_NAME, timeoutMs = 10_000, bootWaitMs = 180_000): Promise<LabClient> {
     const dir = runDirOf(name);
-    const st = readState(dir);
+    let st = readState(dir);
+    // A lab that is still booting (another `lab up` or one-shot `lab run`): wait for it, bounded.
+    const deadline = Date.now() + bootWaitMs;
+    while (st && alive(st.owner) && st.state === 'starting' && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 100));
+      st = readState(dir);
+    }
     if (!st || !alive(st.owner)) throw new LabError('ELAB_NOT_UP', `no lab '${name}' is running`, { hint: `start one with: kvmmem lab up --name ${name}` });
-    if (st.state !== 'ready') throw new LabError('ELAB_NOT_UP', `lab '${name}' is ${st.state}`, { hint: 'wait for `kvmmem lab up` to finish' });
-    const conn = await RunnerConnection.connect(ctlPath(dir), `lab '${name}'`, timeoutMs, () => (alive(st.owner) ? null : 'its owner exited'));
+    if (st.state !== 'ready') throw new LabError('ELAB_NOT_UP', `lab '${name}' is ${st.state}${st.state === 'starting' ? ` after ${bootWaitMs} ms` : ''}`, { hint: `see kvmmem lab status; kvmmem lab down --name ${name} stops it` });
+    const owner = st.owner;
+    const conn = await RunnerConnection.connect(ctlPath(dir), `lab '${name}'`, timeoutMs, () => (alive(owner) ? null : 'its owner exited'));
     const info = JSON.parse(await conn.hello(timeoutMs)) as LabInfo;
     return new LabClient(conn, info);
   }
