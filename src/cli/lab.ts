@@ -70,6 +70,8 @@ export function addLabCommand(program: Command): Command {
     .addHelpText('after', '\nExamples:\n  kvmmem lab up\n  kvmmem lab up --name ci --target-memory 512 --json')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
+      // Interrupted while the lab boots: stop the half-started lab rather than leave it behind.
+      onSignals((sig) => { void stopLab(o.name).finally(() => process.exit(128 + osConstants.signals[sig])); });
       const info = await spawnLabDaemon({ name: o.name, targetMemoryMb: o.targetMemory, introspectorMemoryMb: o.introspectorMemory });
       for (const l of describe(info)) out.say(l);
       out.result(info);
