@@ -13,6 +13,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Lab, LabClient, labAvailable, LabError, type LabInfo } from '../src/lab/index.js';
 import { alive, readState, runDirOf, type PidRecord } from '../src/lab/run-dir.js';
+import { loadModule } from '../src/lab/lab.js';
 
 const ROOT = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.join(ROOT, 'bin', 'kvmmem.js');
@@ -209,6 +210,12 @@ if (!avail.ok) {
       const p = lab.run('sh', ['-c', 'echo go; sleep 1000'], { signal: ac.signal, stdout: (b) => { seen += b; ac.abort(); } });
       t.is(await p, 128 + 15, 'an aborted command ends by SIGTERM');
       t.is(seen, 'go\n');
+      // The module loader (busybox insmod of a host path through the share) says why there is no device.
+      const missing = path.join(ROOT, 'native', 'kmod', `no-such-${tag}.ko`);
+      const dev = await loadModule((lab as unknown as { intro: { runner: Parameters<typeof loadModule>[0] } }).intro.runner, missing);
+      t.false(dev.ok);
+      t.regex(dev.ok ? '' : dev.reason, new RegExp(`^no /dev/kvmmem: insmod no-such-${tag}\\.ko transport=mailbox failed: .*No such file`));
+      t.regex((await loadModule((lab as unknown as { intro: { runner: Parameters<typeof loadModule>[0] } }).intro.runner, '/tmp/x.ko') as { reason: string }).reason, /under \/tmp\//);
       const busy = await t.throwsAsync(Lab.start({ name, startHost: null }), { instanceOf: LabError });
       t.is(busy?.code, 'ELAB_EXISTS');
     } finally {

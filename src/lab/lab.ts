@@ -399,17 +399,20 @@ export class Lab {
   }
 }
 
-/** insmod kvmmem.ko transport=mailbox inside (from the initramfs busybox, the module read through the share). */
-async function loadModule(runner: RunnerConnection, kmod: string): Promise<LabInfo['device']> {
+/** @internal insmod kvmmem.ko transport=mailbox inside (from the initramfs busybox, the module read through the share). */
+export async function loadModule(runner: RunnerConnection, kmod: string): Promise<LabInfo['device']> {
   const sh = async (script: string): Promise<{ code: number; out: string }> => {
     let out = '';
     const h = runner.start(['sh', '-c', script], { PATH: '/bin:/sbin:/usr/bin:/usr/sbin' }, '/', { stdout: (b) => { out += b; }, stderr: (b) => { out += b; } }, 1);
     const s = await h.done;
     return { code: exitCodeOf(s), out: out.trim() };
   };
-  const ins = await sh(`insmod '${GUEST_SHARE_ROOT}${kmod.replace(/'/g, `'\\''`)}' transport=mailbox 2>&1 || { echo; dmesg | tail -n 5; exit 1; }`);
+  // The guest mounts its own /tmp, /dev, /proc, /sys over the share: host files there are not visible inside.
+  const hidden = ['/tmp/', '/dev/', '/proc/', '/sys/'].find((d) => kmod.startsWith(d));
+  if (hidden) return { ok: false, reason: `no /dev/kvmmem: ${kmod} is under ${hidden}, which the introspector has its own of (put the module elsewhere)` };
+  const ins = await sh(`insmod '${GUEST_SHARE_ROOT}${kmod.replace(/'/g, `'\\''`)}' transport=mailbox 2>&1 || { dmesg | grep -i kvmmem | tail -n 3; exit 1; }`);
   if (ins.code !== 0) return { ok: false, reason: `no /dev/kvmmem: insmod ${path.basename(kmod)} transport=mailbox failed: ${ins.out.replace(/\s*\n\s*/g, ' / ')}` };
-  const dev = await sh('i=0; while [ $i -lt 50 ]; do [ -c /dev/kvmmem ] && exit 0; i=$((i+1)); sleep 0.1; done; dmesg | tail -n 5; exit 1');
+  const dev = await sh('i=0; while [ $i -lt 50 ]; do [ -c /dev/kvmmem ] && exit 0; i=$((i+1)); sleep 0.1; done; dmesg | grep -i kvmmem | tail -n 3; exit 1');
   if (dev.code !== 0) return { ok: false, reason: `no /dev/kvmmem: the module loaded but made no device node: ${dev.out.replace(/\s*\n\s*/g, ' / ')}` };
   return { ok: true, path: '/dev/kvmmem' };
 }
