@@ -186,6 +186,24 @@ export class Lab {
     };
     writeState(runDir, state);
     const cleanupDir = () => { for (const f of state.files) fs.rmSync(f, { force: true }); fs.rmSync(runDir, { recursive: true, force: true }); };
+    // Until the Lab owns it (and its own exit hook takes over), an exit mid-boot takes the run dir too.
+    process.on('exit', cleanupDir);
+    try {
+      return await Lab.boot(name, opts, { t0, log, targetMb, introMb, timeoutMs, runDir, state, cleanupDir });
+    } finally {
+      process.off('exit', cleanupDir);
+    }
+  }
+
+  private static async boot(
+    name: string, opts: LabStartOptions,
+    c: { t0: number; log: (l: string) => void; targetMb: number; introMb: number; timeoutMs: number; runDir: string; state: LabState; cleanupDir: () => void },
+  ): Promise<Lab> {
+    const { t0, log, targetMb, introMb, timeoutMs, runDir, state, cleanupDir } = c;
+    const targetVm = `${name}-target`;
+    const introVm = `${name}-intro`;
+    const introRam = `/dev/shm/${introVm}.ram`;
+    const mailboxPath = `/dev/shm/${name}.mbox`;
 
     const agent = findAgent();
     const cookie = opts.cookie ?? randomBytes(16).toString('hex');
