@@ -115,6 +115,15 @@ if (!avail.ok) {
       t.regex(w.stderr, /Read-only file system/);
       t.false(fs.existsSync(probe));
 
+      // A file the host creates after a failed lookup inside is seen inside (the share's entry timeout is 1 s).
+      const late = path.join(ROOT, `.lab-late-probe-${tag}`);
+      t.teardown(() => fs.rmSync(late, { force: true }));
+      t.is((await cli(['lab', 'run', '--name', name, '--', 'cat', late])).code, 1);
+      fs.writeFileSync(late, 'late\n');
+      await sleep(1500);
+      const seen = await cli(['lab', 'run', '--name', name, '--', 'cat', late]);
+      t.is(seen.stdout, 'late\n', seen.stderr);
+
       // /proc inside is the guest's: PID 1 is the runner, the kernel is the guest kernel.
       const p = await cli(['lab', 'run', '--name', name, '--', 'sh', '-c', 'tr "\\0" " " < /proc/1/cmdline; echo; uname -r; ls /proc | grep -c "^[0-9]"']);
       t.is(p.code, 0, p.stderr);
