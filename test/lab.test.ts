@@ -178,6 +178,7 @@ if (!avail.ok) {
     });
     t.is(r.code, 5, r.stderr);
     t.is(r.stdout, '/kvmmem-runner\n');
+    t.is(r.stderr, '', 'a captured stderr is the command\'s alone (no boot progress)');
     t.log(`one-shot lab run (boot + node + teardown): ${(r.ms / 1000).toFixed(1)} s`);
     t.is(pids.length, 4, 'saw the lab\'s pids while it ran');
     t.deepEqual(await noLeftovers(name, pids), []);

@@ -132,7 +132,8 @@ export function addLabCommand(program: Command): Command {
         // Booting or running: either way close what there is, then leave with the signal's code.
         void (labP ?? Promise.reject(new Error('no lab'))).then((l) => l.close(), () => {}).finally(() => process.exit(signalled!));
       });
-      labP = Lab.start({ name: o.name, targetMemoryMb: o.targetMemory, log: (l) => process.stderr.write(`kvmmem lab: ${l}\n`) });
+      // Boot progress only on a terminal: a captured stderr is CMD's alone.
+      labP = Lab.start({ name: o.name, targetMemoryMb: o.targetMemory, ...(process.stderr.isTTY ? { log: (l: string) => process.stderr.write(`kvmmem lab: ${l}\n`) } : {}) });
       const l = await labP;
       try {
         if (closing) return signalled!;
