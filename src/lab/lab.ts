@@ -265,7 +265,13 @@ export class Lab {
     else {
       const kmod = findKmod(opts.kmod);
       if ('reason' in kmod) device = { ok: false, reason: `no /dev/kvmmem: ${kmod.reason}` };
-      else device = await loadModule(intro.runner, kmod.path);
+      else {
+        try {
+          device = await loadModule(intro.runner, kmod.path);
+        } catch (e) {
+          return fail(new LabError('ELAB_BOOT', `lab '${name}': loading ${kmod.path} failed: ${(e as Error).message}`, { cause: e }));
+        }
+      }
     }
     const msModule = performance.now() - tMod;
     log(device.ok ? `${device.path} ready` : device.reason);
