@@ -209,3 +209,5 @@ echo "QEMU=$QEMU"
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/build-agent.sh" >/dev/null 2>"$DIR/agent-build.log" && log "lab agent built" || log "warning: lab agent not built (see $DIR/agent-build.log); the live target works without it"
 # Guest module kvmmem.ko + kernel headers + the lab's guest modules (scripts/lab/provision-kmod.sh, cached); optional: report and continue.
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-kmod.sh" >/dev/null 2>"$DIR/kmod-build.log" && log "kvmmem.ko built" || log "warning: kvmmem.ko not built (see $DIR/kmod-build.log); the live target works without it"
+# The two-VM lab's introspector (virtiofsd, runner, initramfs): scripts/lab/provision-vm.sh.
+bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-vm.sh" >/dev/null 2>"$DIR/lab-vm.log" && log "lab introspector provisioned" || { cat "$DIR/lab-vm.log" >&2; log "warning: lab introspector not provisioned (see $DIR/lab-vm.log); the live target works without it"; }

@@ -16,6 +16,7 @@ import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
 import { registerYara } from './yara.js';
 import { registerLinuxCommands } from './linux.js';
+import { addLabCommand } from './lab.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -158,6 +159,7 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')
     .action((o) => runCommand(() => benchCommand(o)));
 
+  addLabCommand(program);
   return program;
 }
 
