@@ -43,3 +43,23 @@ export async function sinkAcceptor(name: string): Promise<{ path: string; connec
   };
 }
 let sinkSeq = 0;
+
+/**
+ * A count read after garbage collection has settled: pages whose views an
+ * earlier test dropped are unmapped by finalizers, at a time GC picks; a
+ * before/after comparison must not see them go in between. Needs --expose-gc
+ * (package.json's ava nodeArguments).
+ */
+export async function settled(count: () => number, rounds = 20): Promise<number> {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (gc === undefined) throw new Error('settled() needs node --expose-gc');
+  let last = count();
+  for (let i = 0; i < rounds; i++) {
+    gc();
+    await new Promise((r) => setTimeout(r, 10)); // finalizers run as tasks after a GC
+    const now = count();
+    if (now === last) return now;
+    last = now;
+  }
+  throw new Error(`settled(): still changing after ${rounds} GC rounds (last ${last})`);
+}

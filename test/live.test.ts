@@ -15,6 +15,7 @@ import { KvmMem, type MappedPage, type Session } from '../src/client/index.js';
 import { GuestMemory, ModelHost } from '../src/model/index.js';
 import { AddressSpace, PhysicalReader, readVirtual, scan, translate } from '../src/inspect/index.js';
 import { bootLiveTarget, liveTargetAvailable, type LiveTarget } from '../src/live/target.js';
+import { settled } from './helpers.js';
 
 const avail = liveTargetAvailable();
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -122,7 +123,7 @@ if (!avail.ok) {
     for (const gpa of res.matches) if ((await l.reader.read(gpa, banner.length)).toString('latin1') === banner) still++;
     t.log(`${still} of ${res.matches.length} copies still hold the banner when read back`);
     t.true(still >= 1);
-    t.is(l.host.stats().mappings, l.reader.stats.held, 'the scan left nothing mapped');
+    t.is(await settled(() => l.host.stats().mappings), l.reader.stats.held, 'the scan left nothing mapped');
   });
 
   test.serial('live: translate() with QEMU\'s CR3 agrees with QEMU\'s gva2gpa for kallsyms symbols', async (t) => {
@@ -213,7 +214,7 @@ if (!avail.ok) {
       rule marker { strings: $m = /LABMARK-[0-9]{6}/ condition: $m }`;
     await l.target.qmp('stop');
     try {
-      const before = l.host.stats().mappings;
+      const before = await settled(() => l.host.stats().mappings);
       const t0 = Date.now();
       const res = await yaraScan(l.session, l.vm, compileRules(src), { to: l.end });
       const ms = Date.now() - t0;
@@ -227,7 +228,7 @@ if (!avail.ok) {
       t.log(`yara over ${Number(l.end) >> 20} MiB: ${res.hits.length} hits (${res.rules.map((r) => `${r.rule} ${r.hits}`).join(', ')}) in ${ms} ms`);
       t.deepEqual(got.sort(), want.sort());
       t.true(res.rules.some((r) => r.rule === 'banner'));
-      t.is(l.host.stats().mappings, before, 'the scan left nothing mapped');
+      t.is(await settled(() => l.host.stats().mappings), before, 'the scan left nothing mapped');
     } finally {
       await l.target.qmp('cont');
     }
