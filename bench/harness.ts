@@ -101,7 +101,7 @@ export function row(o: {
 
 export interface BenchOptions {
   quick?: boolean;
-  /** Only these groups (ioctl, model, libkvmi, tokens, scan, scale). */
+  /** Only these groups (ioctl, model, libkvmi, tokens, scan, scale, physical). */
   only?: string[];
   /** Where the C baselines' sources are (default: native/bench in the package). */
   nativeDir?: string;

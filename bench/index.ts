@@ -1,5 +1,5 @@
 /**
- * The benchmarks of issue 6, each measured side by side with its baseline in the
+ * The benchmarks of BENCHMARKS.md, each measured side by side with its baseline in the
  * same run (runs interleaved, repeated, min/median/max). One file per group over
  * the shared harness; `npm run bench` (bench/run.ts) in a checkout, `kvmmem bench`
  * (compiled into dist/bench by `npm run build`) from an installed package.
@@ -15,17 +15,20 @@ import * as libc from '../src/sys/libc.js';
 import { ROOT, buildC, getGc, round, type BenchOptions, type BenchReport, type Ctx, type Group } from './harness.js';
 import { benchIoctl } from './ioctl.js';
 import { benchLibkvmi } from './libkvmi.js';
+import { benchLinux } from './linux.js';
 import { benchModel } from './model.js';
+import { benchPhysical } from './physical.js';
 import { formatTable, writeReport } from './report.js';
 import { benchScale } from './scale.js';
 import { benchScan } from './scan.js';
 import { benchTokens } from './tokens.js';
+import { benchYara } from './yara.js';
 
 export type { BenchOptions, BenchReport, Row, Stat } from './harness.js';
 export { formatTable, markdown, writeReport, type ReportPaths } from './report.js';
 
 const GROUPS: Record<string, Group> = {
-  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale,
+  ioctl: benchIoctl, model: benchModel, libkvmi: benchLibkvmi, tokens: benchTokens, scan: benchScan, scale: benchScale, physical: benchPhysical, yara: benchYara, linux: benchLinux,
 };
 
 /** The groups, in the order a full run takes them. */

@@ -13,7 +13,7 @@ import { interleave, now, round, row, stat, type Ctx } from './harness.js';
 
 const NEEDLE = 'kvmmem-bench: Linux version 6.18.0 (needle)';
 
-function makeRamFile(path: string, bytes: number, matches: number): number[] {
+export function makeRamFile(path: string, bytes: number, matches: number): number[] {
   // Pseudo-random bytes (xorshift) without newline-free stretches long enough to matter, plus the
   // needle at `matches` offsets far apart (one per grep "line"), one across a 1 MiB chunk boundary.
   const block = Buffer.alloc(1 << 20);

@@ -2,10 +2,9 @@
 //   npx tsx examples/find-banner.ts                  (the demo guest)
 //   npx tsx examples/find-banner.ts --ram /dev/shm/guest.ram
 import { scan, PhysicalReader } from '../src/index.js';
-import { openTarget } from './_target.js';
+import { runExample } from './_target.js';
 
-const t = await openTarget();
-try {
+await runExample(async (t) => {
   const { matches } = await scan(t.session, t.vm, 'Linux version ', { to: t.end });
   const reader = new PhysicalReader(t.session, t.vm);
   for (const gpa of matches) {
@@ -14,6 +13,4 @@ try {
   }
   reader.close();
   console.log(`${matches.length} match(es) in ${t.end >> 20n} MiB`);
-} finally {
-  await t.close();
-}
+});

@@ -1,9 +1,8 @@
 // Hex-dump a guest-physical range (xxd style), read through mapped pages.
 //   npx tsx examples/hexdump.ts [--gpa 0x1000] [--len 256] [--ram FILE]
-import { openTarget } from './_target.js';
+import { runExample } from './_target.js';
 
-const t = await openTarget();
-try {
+await runExample(async (t) => {
   const gpa = t.arg('gpa', t.truth?.bannerGpa ?? 0n);
   const len = Number(t.arg('len', 256n));
   const data = await t.session.read(t.vm, gpa, len);
@@ -13,6 +12,4 @@ try {
     const ascii = [...row].map((b) => (b >= 32 && b < 127 ? String.fromCharCode(b) : '.')).join('');
     console.log(`${(gpa + BigInt(off)).toString(16).padStart(12, '0')}  ${hex.padEnd(47)}  ${ascii}`);
   }
-} finally {
-  await t.close();
-}
+});

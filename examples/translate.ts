@@ -2,10 +2,9 @@
 //   npx tsx examples/translate.ts                         (the demo guest's linux_banner)
 //   npx tsx examples/translate.ts --ram FILE --cr3 0x2a3c000 --va 0xffffffff9e11ffe0
 import { AddressSpace, PhysicalReader } from '../src/index.js';
-import { openTarget } from './_target.js';
+import { runExample } from './_target.js';
 
-const t = await openTarget();
-try {
+await runExample(async (t) => {
   const cr3 = t.arg('cr3', t.truth?.cr3);
   const va = t.arg('va', t.truth?.bannerVa);
   const reader = new PhysicalReader(t.session, t.vm, { cachePages: 32 });
@@ -15,6 +14,4 @@ try {
   console.log(`entries: ${tr.entries.map((e) => `0x${e.toString(16)}`).join(' -> ')}`);
   console.log(`64 bytes there: ${JSON.stringify((await space.read(va, 64)).toString('latin1'))}`);
   reader.close();
-} finally {
-  await t.close();
-}
+});

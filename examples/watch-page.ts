@@ -1,10 +1,9 @@
 // Keep one guest page mapped and print what changes in it, live (no copies, no remaps).
 //   npx tsx examples/watch-page.ts                        (the demo guest; a writer changes it)
 //   npx tsx examples/watch-page.ts --ram /dev/shm/guest.ram --gpa 0x5a3c000 [--seconds 10]
-import { openTarget } from './_target.js';
+import { runExample } from './_target.js';
 
-const t = await openTarget();
-try {
+await runExample(async (t) => {
   const gpa = t.arg('gpa', t.truth ? t.truth.tasks[1]!.gpa : undefined);
   const seconds = Number(t.arg('seconds', 3n));
   using page = await t.session.map(t.vm, gpa);
@@ -25,6 +24,4 @@ try {
   await new Promise((r) => setTimeout(r, seconds * 1000));
   clearInterval(poll);
   if (writer) clearInterval(writer);
-} finally {
-  await t.close();
-}
+});

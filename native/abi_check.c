@@ -5,22 +5,38 @@
  * sizeof.S, and every member offsetof.S.F and sizeof.S.F.
  *
  *   cc -Wall -Werror -Inative/include native/abi_check.c -o abi_check
+ *
+ * Also compiled in kernel context, against the headers of the lab's guest
+ * kernel (kbuild, to assembly only: test/abi.test.ts), where each value
+ * becomes a "->NAME VALUE" line of the .s file (the asm-offsets trick).
  */
+#ifdef __KERNEL__
+#include <linux/stddef.h>
+#define VALUE(name, v) asm volatile("\n.ascii \"->" name " %c0\"" : : "i" ((long long)(v)))
+#else
 #include <stddef.h>
 #include <stdio.h>
+#define VALUE(name, v) printf("%s %lld\n", name, (long long)(v))
+#endif
 
 #include "kvmi_mem.h"
 
-#define STRUCT(s) \
-	printf("sizeof.%s %zu\n", #s, sizeof(struct s))
+#define STRUCT(s) VALUE("sizeof." #s, sizeof(struct s))
 #define FIELD(s, f) \
-	printf("offsetof.%s.%s %zu\nsizeof.%s.%s %zu\n", #s, #f, offsetof(struct s, f), \
-	       #s, #f, sizeof(((struct s *)0)->f))
+	do { \
+		VALUE("offsetof." #s "." #f, offsetof(struct s, f)); \
+		VALUE("sizeof." #s "." #f, sizeof(((struct s *)0)->f)); \
+	} while (0)
 /* ioctl numbers are unsigned int in the kernel; print them that way. */
-#define IOCTL(n) printf("%s %u\n", #n, (unsigned int)(n))
-#define CONST(n) printf("%s %lld\n", #n, (long long)(n))
+#define IOCTL(n) VALUE(#n, (unsigned int)(n))
+#define CONST(n) VALUE(#n, (n))
 
+#ifdef __KERNEL__
+void kvmmem_abi_check(void);
+void kvmmem_abi_check(void)
+#else
 int main(void)
+#endif
 {
 	STRUCT(kvmi_map_mem_token);
 	FIELD(kvmi_map_mem_token, token);
@@ -83,6 +99,18 @@ int main(void)
 	FIELD(kvmi_event_reply, padding1);
 	FIELD(kvmi_event_reply, padding2);
 
+	STRUCT(kvmi_vm_read_physical);
+	FIELD(kvmi_vm_read_physical, gpa);
+	FIELD(kvmi_vm_read_physical, size);
+	FIELD(kvmi_vm_read_physical, padding1);
+	FIELD(kvmi_vm_read_physical, padding2);
+
+	STRUCT(kvmi_vm_write_physical);
+	FIELD(kvmi_vm_write_physical, gpa);
+	FIELD(kvmi_vm_write_physical, size);
+	FIELD(kvmi_vm_write_physical, padding1);
+	FIELD(kvmi_vm_write_physical, padding2);
+
 	IOCTL(KVM_INTRO_MEM_MAP);
 	IOCTL(KVM_INTRO_MEM_UNMAP);
 	IOCTL(KVM_INTROSPECTION_HOOK);
@@ -114,11 +142,16 @@ int main(void)
 	CONST(KVMI_V4_GET_MAP_TOKEN);
 	CONST(KVMI_V4_EVENT);
 	CONST(KVMI_V4_EVENT_REPLY);
+	CONST(KVMI_V4_READ_PHYSICAL);
+	CONST(KVMI_V4_WRITE_PHYSICAL);
 	CONST(KVMI_V6_EVENT_REPLY);
 	CONST(KVMI_V6_EVENT);
 	CONST(KVMI_V6_GET_VERSION);
 	CONST(KVMI_V6_CONTROL_VM_EVENTS);
 	CONST(KVMI_V6_GET_MAP_TOKEN);
-
+	CONST(KVMI_V6_READ_PHYSICAL);
+	CONST(KVMI_V6_WRITE_PHYSICAL);
+#ifndef __KERNEL__
 	return 0;
+#endif
 }

@@ -21,6 +21,8 @@ export class KvmmemError extends Error {
   readonly syscall?: string;
   readonly path?: string;
   readonly hint?: string;
+  /** The guest-physical address an operation failed at, when it failed at one (set by the session). */
+  readonly gpa?: bigint;
 
   constructor(message: string, details: ErrorDetails) {
     super(details.hint ? `${message}: ${details.hint}` : message, details.cause === undefined ? undefined : { cause: details.cause });
@@ -76,6 +78,16 @@ export class NotKvmmemDeviceError extends KvmmemError {
 }
 
 /** Anything used after close(): never reaches the kernel with a stale fd. */
+/** A /dev/kvmmem of libkvmi's remote mapping v2 (KVM_GUEST_MEM_*), not the v1 interface this library speaks. */
+export class KvmmemV2DeviceError extends KvmmemError {
+  constructor(path: string) {
+    super(`${path} is a kvmmem device of libkvmi's remote mapping v2 (KVM_GUEST_MEM_OPEN/MAP/UNMAP)`, {
+      code: 'ENOTTY', errno: -25, syscall: 'ioctl', path,
+      hint: 'kvmmem speaks the v1 interface of the RFC v4 patches (KVM_INTRO_MEM_MAP/UNMAP per page); load that driver, or use libkvmi for v2',
+    });
+  }
+}
+
 export class ClosedError extends KvmmemError {
   constructor(what: string, syscall = 'ioctl') {
     super(`${syscall}: ${what} is closed`, {

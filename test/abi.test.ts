@@ -5,7 +5,7 @@ import test, { type ExecutionContext } from 'ava';
 import fc from 'fast-check';
 import { Buffer } from 'node:buffer';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { constants as osConstants, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -107,7 +107,8 @@ test('ioctlName', (t) => {
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_HOOK), 'KVM_INTROSPECTION_HOOK');
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_UNHOOK), 'KVM_INTROSPECTION_UNHOOK');
   t.is(abi.ioctlName(abi.KVM_INTROSPECTION_PREUNHOOK), 'KVM_INTROSPECTION_PREUNHOOK');
-  t.is(abi.ioctlName(0x40086903), '0x40086903');
+  t.is(abi.ioctlName(0x40086903), 'KVM_GUEST_MEM_UNMAP (v2)'); // libkvmi's v2 device, named for the probe's message
+  t.is(abi.ioctlName(0x40086904), '0x40086904');
   t.is(abi.ioctlName(0x5401), '0x00005401');
   t.is(abi.ioctlName(abi._IOWR('i', 1, 48) | 0), '0xc0306901');
 });
@@ -190,6 +191,32 @@ function expectedCTable(): Map<string, number> {
   return m;
 }
 
+/** Compares "NAME VALUE" pairs the C compiler produced with src/abi's table, in one assertion. */
+function checkCValues(t: ExecutionContext, pairs: string[]): void {
+  const table = expectedCTable();
+  const printed = new Set<string>();
+  const mismatched: string[] = [];
+  const unchecked: string[] = []; // printed by C, absent from the TS table
+  const malformed: string[] = [];
+  for (const line of pairs) {
+    const m = /^(\S+) (-?\d+)$/.exec(line);
+    if (!m || printed.has(m[1]!)) {
+      malformed.push(line);
+      continue;
+    }
+    const name = m[1]!;
+    const value = Number(m[2]);
+    printed.add(name);
+    const expected = table.get(name);
+    if (expected === undefined) unchecked.push(name);
+    else if (value !== expected) mismatched.push(`${name}: C ${value}, TS ${expected}`);
+  }
+  const notPrinted = [...table.keys()].filter((k) => !printed.has(k));
+  // One assertion so that a failure lists every discrepancy at once.
+  t.deepEqual({ mismatched, unchecked, notPrinted, malformed }, { mismatched: [], unchecked: [], notPrinted: [], malformed: [] });
+  t.true(printed.size > 100, `only ${printed.size} values printed`);
+}
+
 if (CC === undefined) {
   test.skip('C cross-check: SKIPPED, no C compiler found ($CC, cc, gcc, clang)', () => {});
 } else {
@@ -201,30 +228,40 @@ if (CC === undefined) {
         '-Wall', '-Werror', `-I${path.join(ROOT, 'native/include')}`,
         path.join(ROOT, 'native/abi_check.c'), '-o', exe,
       ], { stdio: ['ignore', 'pipe', 'pipe'] });
-      const out = execFileSync(exe, { encoding: 'utf8' });
-      const table = expectedCTable();
-      const printed = new Set<string>();
-      const mismatched: string[] = [];
-      const unchecked: string[] = []; // printed by C, absent from the TS table
-      const malformed: string[] = [];
-      const lines = out.trim().split('\n');
-      for (const line of lines) {
-        const m = /^(\S+) (-?\d+)$/.exec(line);
-        if (!m || printed.has(m[1]!)) {
-          malformed.push(line);
-          continue;
-        }
-        const name = m[1]!;
-        const value = Number(m[2]);
-        printed.add(name);
-        const expected = table.get(name);
-        if (expected === undefined) unchecked.push(name);
-        else if (value !== expected) mismatched.push(`${name}: C ${value}, TS ${expected}`);
-      }
-      const notPrinted = [...table.keys()].filter((k) => !printed.has(k));
-      // One assertion so that a failure lists every discrepancy at once.
-      t.deepEqual({ mismatched, unchecked, notPrinted, malformed }, { mismatched: [], unchecked: [], notPrinted: [], malformed: [] });
-      t.true(printed.size > 100, `only ${printed.size} values printed`);
+      checkCValues(t, execFileSync(exe, { encoding: 'utf8' }).trim().split('\n'));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+/**
+ * The guest kernel's build tree (KHEADERS=) from scripts/lab/provision-kmod.sh
+ * --no-download, which exits 3 when the lab kernel's headers are not there.
+ */
+function guestKernelHeaders(): { ok: true; dir: string } | { ok: false; reason: string } {
+  const r = spawnSync('bash', [path.join(ROOT, 'scripts/lab/provision-kmod.sh'), '--no-download'], { encoding: 'utf8', timeout: 300_000 });
+  const dir = /^KHEADERS=(.*)$/m.exec(r.stdout ?? '')?.[1];
+  if (r.status === 0 && dir) return { ok: true, dir };
+  if (r.status === 3) return { ok: false, reason: (r.stderr ?? '').trim().split('\n').pop() ?? 'not provisioned' };
+  throw new Error(`scripts/lab/provision-kmod.sh --no-download failed (${r.status ?? r.signal}): ${r.stderr}`);
+}
+const KHEADERS = guestKernelHeaders();
+
+if (!KHEADERS.ok) {
+  test.skip(`C cross-check in kernel context: SKIPPED (${KHEADERS.reason})`, () => {});
+} else {
+  const kdir = KHEADERS.dir;
+  test('C cross-check in kernel context: native/abi_check.c built by kbuild against the lab guest kernel\'s headers agrees with src/abi', (t) => {
+    // kvmi_mem.h next to the kernel's own linux/kvm.h and linux/kvm_para.h, with the kernel's flags (-Werror):
+    // the asm-offsets trick turns each value into a "->NAME VALUE" line of the assembly.
+    const dir = mkdtempSync(path.join(tmpdir(), 'kvmmem-kabi-'));
+    try {
+      execFileSync('cp', [path.join(ROOT, 'native/abi_check.c'), dir]);
+      writeFileSync(path.join(dir, 'Kbuild'), `obj-m := abi_check.o\nccflags-y := -I${path.join(ROOT, 'native/include')} -Werror\n`);
+      execFileSync('make', ['-s', '-C', kdir, `M=${dir}`, 'abi_check.s'], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
+      const asm = readFileSync(path.join(dir, 'abi_check.s'), 'utf8');
+      checkCValues(t, [...asm.matchAll(/->([^"]*)"/g)].map((m) => m[1]!));
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -254,6 +291,8 @@ test('layouts are self-consistent and agree with the exported sizes', (t) => {
     [abi.KVMI_CONTROL_VM_EVENTS_LAYOUT, abi.CONTROL_VM_EVENTS_SIZE],
     [abi.KVMI_EVENT_LAYOUT, abi.EVENT_SIZE],
     [abi.KVMI_EVENT_REPLY_LAYOUT, abi.EVENT_REPLY_SIZE],
+    [abi.KVMI_READ_PHYSICAL_LAYOUT, abi.PHYSICAL_REQUEST_SIZE],
+    [abi.KVMI_WRITE_PHYSICAL_LAYOUT, abi.PHYSICAL_REQUEST_SIZE],
   ];
   for (const [L, size] of sizes) t.is(L.size, size, L.name);
   t.is(abi.MAP_TOKEN_REPLY_SIZE, 40);
@@ -358,8 +397,8 @@ test('kvm_introspection_hook: rejections', (t) => {
 // ---------------------------------------------------------------- KVMI messages
 
 test('KVMI ids and names', (t) => {
-  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15 });
-  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22 });
+  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14 });
+  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18 });
   t.true(Object.isFrozen(KVMI_IDS) && Object.isFrozen(KVMI_IDS.v6));
   t.is(abi.kvmiMessageName('v6', 22), 'KVMI_GET_MAP_TOKEN');
   t.is(abi.kvmiMessageName('v4', 15), 'KVMI_GET_MAP_TOKEN');

@@ -114,7 +114,7 @@ test.serial('bad input is refused before anything runs (exit 2, one line)', (t) 
   const cwd = join(tmp, 'bad');
   const g = kvmmem(cwd, 'bench', '--only', 'ioctl,nope');
   t.is(g.code, 2, g.all);
-  t.regex(g.stderr, /^kvmmem: --only: unknown group 'nope' \(have: ioctl, model, libkvmi, tokens, scan, scale\)\n$/);
+  t.regex(g.stderr, /^kvmmem: --only: unknown group 'nope' \(have: ioctl, model, libkvmi, tokens, scan, scale, physical, yara, linux\)\n$/);
   writeFileSync(join(cwd, 'a-file'), '');
   const o = kvmmem(cwd, 'bench', '--only', 'ioctl', '--out', 'a-file/sub');
   t.is(o.code, 2, o.all);

@@ -437,7 +437,7 @@ test('limits are checked: a bad value is a UsageError', (t) => {
 // ---------------------------------------------------------------------------
 const FUZZ_LIMITS: ChannelLimits = {
   maxMessageBytes: 512, maxReadBufferBytes: 8192, writeHighWaterBytes: 1024, maxWriteQueueBytes: 16384,
-  writeStallMs: 200, eventsPerTurn: 3, maxPending: 64,
+  writeStallMs: 200, eventsPerTurn: 3, maxPending: 64, maxPhysicalBytes: 65536,
 };
 
 type Action =

@@ -95,7 +95,8 @@ test('bad input: one line on stderr and exit 2', (t) => {
     ['read', '--ram', join(dir, 'x'), '--gpa', 'zz', '--len', '1'],
     ['read', '--gpa', '0x1000', '--len', '1'],
     ['translate', '--ram', join(dir, 'x'), '--cr3', '1', '--va', '2', '--levels', '3'],
-    ['selftest', '--listen', 'tcp:1234'],
+    ['selftest', '--listen', 'tcp:localhost'],
+    ['scan', '--pattern', 'x'],
     ['selftest'],
   ];
   for (const args of cases) {
@@ -141,7 +142,7 @@ test('--hex says what is wrong with it: a non-hex digit, empty, odd length (one 
 });
 
 test('commander\'s own errors are one line, exit 2; no command at all is exit 2 with the help on stderr', (t) => {
-  for (const args of [['nosuch'], ['scan', '--pattern', 'x'], ['read', '--bogus']]) {
+  for (const args of [['nosuch'], ['scan', '--from', 'zz'], ['read', '--bogus']]) {
     const r = kvmmem(...args);
     t.is(r.code, 2, args.join(' '));
     t.is(r.stderr.trim().split('\n').length, 1, `one line for ${args.join(' ')}: ${r.stderr}`);
@@ -151,4 +152,22 @@ test('commander\'s own errors are one line, exit 2; no command at all is exit 2 
   t.is(none.code, 2);
   t.regex(none.stderr, /Usage: kvmmem/);
   t.is(none.stdout, '');
+});
+
+test('bad input never shows a stack: demo --memory too big, selftest --gpa past RAM, translate --cr3 past the file (one line, exit 2)', (t) => {
+  const big = kvmmem('demo', '--memory', '10000000');
+  t.is(big.code, 2);
+  t.regex(big.stderr, /^kvmmem: demo: --memory 10000000 MiB is more than this machine can spare \(\d+ MiB available\)/);
+  const gpa = kvmmem('selftest', '--model', '--gpa', '0x100000000');
+  t.is(gpa.code, 2);
+  t.regex(gpa.stderr, /^kvmmem: selftest: --gpa 0x100000000 is past the model VM's 16 MiB/);
+  const ram = join(dir, 'small.ram');
+  writeFileSync(ram, Buffer.alloc(1 << 20));
+  const cr3 = kvmmem('translate', '--ram', ram, '--cr3', '0x2000000', '--va', '0xffffffff81000000');
+  t.is(cr3.code, 2);
+  t.regex(cr3.stderr, /^kvmmem: --cr3 0x2000000 is past the end of .*small\.ram \(0x100000\)/);
+  for (const r of [big, gpa, cr3]) {
+    t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    t.false(/\n\s+at /.test(r.stderr), 'no stack trace');
+  }
 });

@@ -136,6 +136,53 @@ test('a session asking for more tokens than the host allows backs off to the lim
   s.close();
 });
 
+test('maxTokensInFlight above a v6 host\'s limit is clamped to it once seen: as few round trips as the default', async (t) => {
+  const l = await lab([{ name: 'g1', memory: 32 * MiB }]);
+  t.teardown(() => l.close());
+  const pages = 2048;
+  const rounds = async (maxTokensInFlight: number) => {
+    const s = l.open({ maxTokensInFlight });
+    for (let i = 0; i < 3; i++) (await s.mapRange(l.vm('g1'), 0n, pages * PS)).unmap();
+    const st = { ...s.stats };
+    s.close();
+    return st;
+  };
+  const dflt = await rounds(8);
+  const big = await rounds(256);
+  t.is(dflt.tokensRefused, 0);
+  t.is(dflt.tokenRoundTrips, 3 * pages / 8);
+  // the first batch learns the limit (8 granted, the rest refused); every later batch asks for 8
+  t.true(big.tokensRefused <= 256, `refused ${big.tokensRefused}`);
+  t.true(big.tokenRoundTrips <= dflt.tokenRoundTrips + 2, `round trips ${big.tokenRoundTrips} vs ${dflt.tokenRoundTrips}`);
+  t.is(l.host.stats().mappings, 0);
+});
+
+test('readInto reads up to the first page that cannot be mapped and names it; read() names the gpa in its error', async (t) => {
+  const M = BigInt(MiB);
+  const mem = GuestMemory.anonymous(4n * M, { regions: [{ gpa: 0n, size: M, fileOffset: 0n }, { gpa: 2n * M, size: 2n * M, fileOffset: 2n * M }] });
+  const l = await ModelLab.start({ vms: [{ name: 'h', memory: mem }] });
+  t.teardown(async () => { await l.close(); mem.close(); });
+  mem.write(M - 100n, Buffer.from('tail-of-ram'));
+  const s = l.open();
+  const into = Buffer.alloc(8192, 0xee);
+  const r = await s.readInto(l.vm('h'), M - 100n, into);
+  t.is(r.bytesRead, 100);
+  t.is(r.error?.code, 'EFAULT');
+  t.is(r.error?.gpa, M);
+  t.regex(r.error!.message, /^gpa 0x100000 of vm h: /);
+  t.is(into.subarray(0, 11).toString(), 'tail-of-ram');
+  t.is(into[100], 0xee, 'nothing written past what was read');
+  const whole = await s.readInto(l.vm('h'), 2n * M, Buffer.alloc(5000));
+  t.deepEqual([whole.bytesRead, whole.error], [5000, null]);
+  const none = await s.readInto(l.vm('h'), M + 5n, Buffer.alloc(10));
+  t.is(none.bytesRead, 0);
+  t.is(none.error?.gpa, M);
+  const e = await t.throwsAsync(s.read(l.vm('h'), M - 100n, 8192));
+  t.regex(e!.message, /gpa 0x100000 of vm h/);
+  t.is(l.host.stats().mappings, 0, 'nothing left mapped');
+  s.close();
+});
+
 test('an expired token (ENOENT) is replaced once; a second failure is a typed error', async (t) => {
   let clock = 1_000_000;
   const l = await lab(undefined, { now: () => clock });

@@ -1,8 +1,9 @@
 import test from 'ava';
-import { LinuxDevice } from '../src/device/linux-device.js';
-import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../src/abi/ioctl.js';
+import { LinuxDevice, classifyProbe } from '../src/device/linux-device.js';
+import { KVM_GUEST_MEM_UNMAP_V2, KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP } from '../src/abi/ioctl.js';
+import { ERRNO } from '../src/abi/errno.js';
 import { encodeMemMap } from '../src/abi/structs.js';
-import { ClosedError, DeviceError, NoDeviceError, NotKvmmemDeviceError } from '../src/errors.js';
+import { ClosedError, DeviceError, KvmmemV2DeviceError, NoDeviceError, NotKvmmemDeviceError, UsageError } from '../src/errors.js';
 import * as libc from '../src/sys/libc.js';
 import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -10,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 const req = () => encodeMemMap({ token: new Uint8Array(32), gpa: 0x1000n, gva: 0x7f0000000000n });
+
 
 test('a missing device node says to use the model', (t) => {
   const e = t.throws(() => LinuxDevice.open('/dev/kvmmem-does-not-exist'), { instanceOf: NoDeviceError });
@@ -60,7 +62,7 @@ test('the batch path reports every record and matches the per-call path', (t) =>
     const res2 = new Int32Array(n).fill(1);
     t.is(dev.ioctlBatch(KVM_INTRO_MEM_UNMAP, vals, 0, n, res2), 0);
     t.true(res2.every((r) => r === -25));
-    t.throws(() => dev.ioctlBatch(KVM_INTRO_MEM_MAP, recs, 48, n + 1, res), { instanceOf: RangeError });
+    t.throws(() => dev.ioctlBatch(KVM_INTRO_MEM_MAP, recs, 48, n + 1, res), { instanceOf: UsageError });
     t.log(`native batch helper: ${libc.batchAvailable() ? 'loaded' : 'absent (per-call fallback)'}`);
   } finally {
     dev.close();
@@ -96,4 +98,17 @@ test('permission errors carry a hint (as an unprivileged user)', (t) => {
   t.is(r.code, 'EACCES');
   t.is(r.errno, -13);
   t.regex(r.message, /run as root, or give your user read-write access/);
+});
+
+test('probe classification: v1 driver, libkvmi remote mapping v2 (same device name), or no kvmmem at all', (t) => {
+  const never = () => { throw new Error('v2 must not be probed'); };
+  t.is(classifyProbe(-ERRNO.ENOENT!, never), 'v1', 'UNMAP(0): nothing mapped there');
+  t.is(classifyProbe(0, never), 'v1');
+  t.is(classifyProbe(-ERRNO.EINVAL!, never), 'other', 'another error is reported as it is');
+  t.is(classifyProbe(-ERRNO.ENOTTY!, () => -ERRNO.EINVAL!), 'v2', "libkvmi's rule: anything but ENOTTY on the v2 UNMAP");
+  t.is(classifyProbe(-ERRNO.ENOTTY!, () => -ERRNO.ENOTTY!), 'other');
+  t.is(KVM_GUEST_MEM_UNMAP_V2, 0x40086903);
+  const e = new KvmmemV2DeviceError('/dev/kvmmem');
+  t.is(e.code, 'ENOTTY');
+  t.regex(e.message, /remote mapping v2.*kvmmem speaks the v1 interface/);
 });

@@ -2,6 +2,9 @@
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const run = (file: string, ...args: string[]) =>
@@ -32,4 +35,18 @@ test('watch-page sees the guest change the page live', (t) => {
   t.is(r.status, 0, r.stderr);
   t.regex(r.stdout, /\+0xff0: "tick-1/);
   t.regex(r.stdout, /\+0xff0: "tick-2/);
+});
+
+test('an example given bad input prints one line, no stack (translate --ram without --cr3, with a CR3 of another boot)', (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'kvmmem-ex-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ram = join(dir, 'g.ram');
+  writeFileSync(ram, Buffer.alloc(1 << 20));
+  const missing = run('translate.ts', '--ram', ram);
+  t.is(missing.status, 2);
+  t.regex(missing.stderr, /^translate\.ts: --cr3 is required with --ram: it is CR3 of a vCPU: QEMU monitor `info registers`/);
+  const other = run('translate.ts', '--ram', ram, '--cr3', '0x2a3c000', '--va', '0xffffffff9e11ffe0');
+  t.is(other.status, 1);
+  t.regex(other.stderr, /^translate\.ts: gpa 0x2a3c000 of vm .*EFAULT/);
+  for (const r of [missing, other]) t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
 });

@@ -107,3 +107,9 @@ test('every relative import resolves to a source file', (t) => {
   for (const [file, deps] of graph) for (const { path: d } of deps) if (!graph.has(d)) missing.push(`${relative(SRC, file)} -> ${relative(SRC, d)}`);
   t.deepEqual(missing, []);
 });
+
+test('only src/sys imports ffi-rs (README "Layers")', (t) => {
+  const bad = all.filter((f) => layerOf(f) !== 'sys' && /(?:from\s+|import\s*\(\s*|import\s+)'ffi-rs'/.test(readFileSync(f, 'utf8')));
+  t.deepEqual(bad.map((f) => relative(SRC, f)), []);
+  t.true(all.some((f) => /from\s+'ffi-rs'/.test(readFileSync(f, 'utf8'))), 'the check sees the import where it is');
+});

@@ -15,6 +15,7 @@ import { KvmMem, type MappedPage, type Session } from '../src/client/index.js';
 import { GuestMemory, ModelHost } from '../src/model/index.js';
 import { AddressSpace, PhysicalReader, readVirtual, scan, translate } from '../src/inspect/index.js';
 import { bootLiveTarget, liveTargetAvailable, type LiveTarget } from '../src/live/target.js';
+import { settled } from './helpers.js';
 
 const avail = liveTargetAvailable();
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -122,7 +123,7 @@ if (!avail.ok) {
     for (const gpa of res.matches) if ((await l.reader.read(gpa, banner.length)).toString('latin1') === banner) still++;
     t.log(`${still} of ${res.matches.length} copies still hold the banner when read back`);
     t.true(still >= 1);
-    t.is(l.host.stats().mappings, l.reader.stats.held, 'the scan left nothing mapped');
+    t.is(await settled(() => l.host.stats().mappings), l.reader.stats.held, 'the scan left nothing mapped');
   });
 
   test.serial('live: translate() with QEMU\'s CR3 agrees with QEMU\'s gva2gpa for kallsyms symbols', async (t) => {
@@ -202,6 +203,35 @@ if (!avail.ok) {
     t.true(same, 'the mapped page is the RAM file\'s page now');
     t.false(probe.page.buffer.equals(probe.before) && changed?.gpa === probe.page.gpa, 'and it is not the old copy');
     // keep them mapped: the next test checks that closing the session releases them
+  });
+
+  test.serial('live: yaraScan finds exactly what YARA-X finds in the RAM file (guest paused for an exact image)', async (t) => {
+    t.timeout(90_000);
+    const l = live!;
+    const { compileRules, yaraScan } = await import('../src/yara/index.js');
+    const { compile } = await import('@litko/yara-x');
+    const src = `rule banner { strings: $b = "${l.target.truth.banner.slice(0, 40).replace(/["\\]/g, '\\$&')}" condition: $b }
+      rule marker { strings: $m = /LABMARK-[0-9]{6}/ condition: $m }`;
+    await l.target.qmp('stop');
+    try {
+      const before = await settled(() => l.host.stats().mappings);
+      const t0 = Date.now();
+      const res = await yaraScan(l.session, l.vm, compileRules(src), { to: l.end });
+      const ms = Date.now() - t0;
+      // The same engine over the file itself, region by region (the VGA/BIOS window is a hole).
+      const want: string[] = [];
+      for (const r of l.memory.regions) {
+        const buf = fileRead(l.target.ramPath, r.fileOffset, Number(r.size));
+        for (const m of compile(src).scan(buf)) for (const x of m.matches) want.push(`${m.ruleIdentifier}@${(r.gpa + BigInt(x.offset)).toString(16)}+${x.length}`);
+      }
+      const got = res.hits.map((h) => `${h.rule}@${h.gpa.toString(16)}+${h.length}`);
+      t.log(`yara over ${Number(l.end) >> 20} MiB: ${res.hits.length} hits (${res.rules.map((r) => `${r.rule} ${r.hits}`).join(', ')}) in ${ms} ms`);
+      t.deepEqual(got.sort(), want.sort());
+      t.true(res.rules.some((r) => r.rule === 'banner'));
+      t.is(await settled(() => l.host.stats().mappings), before, 'the scan left nothing mapped');
+    } finally {
+      await l.target.qmp('cont');
+    }
   });
 
   test.serial('live: after session.close() the host holds zero mappings', async (t) => {

@@ -13,6 +13,7 @@ import { DeviceError } from '../src/errors.js';
 import { ModelHost, type ModelHostOptions, type ModelVm } from '../src/model/index.js';
 import { adoptSocket } from '../src/model/sockets.js';
 import { TokenStore } from '../src/model/tokens.js';
+import { sinkAcceptor } from './helpers.js';
 
 const PS = 4096;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -96,16 +97,12 @@ const s = new TokenStore({}); s.issue({}); console.log('issued');`;
 
 // ---- through the host and the driver ----
 
-let n = 0;
+
 async function hooked(t: ExecutionContext, opts: ModelHostOptions = {}) {
   const host = new ModelHost(opts);
-  const p = path.join(os.tmpdir(), `kvmmem-tok-${process.pid}-${n++}.sock`);
-  const peers: net.Socket[] = [];
-  const server = net.createServer((c) => { peers.push(c); c.resume(); c.on('error', () => {}); });
-  await new Promise<void>((r) => server.listen(p, r));
+  const sink = await sinkAcceptor('tok');
   const hook = async (vm: ModelVm) => {
-    const c = await new Promise<net.Socket>((resolve) => { const s = net.createConnection({ path: p }, () => resolve(s)); });
-    vm.hook({ fd: adoptSocket(c) });
+    vm.hook({ fd: adoptSocket(await sink.connect()) });
   };
   const a = host.createVm({ name: 'a', memory: 8 * PS });
   const b = host.createVm({ name: 'b', memory: 8 * PS });
@@ -115,8 +112,7 @@ async function hooked(t: ExecutionContext, opts: ModelHostOptions = {}) {
   t.teardown(() => {
     host.close();
     w.free();
-    for (const c of peers) c.destroy();
-    server.close();
+    sink.close();
   });
   const dev = host.openDevice();
   const map = (token: Uint8Array, gpa: bigint, page: number) => {

@@ -128,11 +128,15 @@ struct kvm_introspection_hook {
 #define KVMI_V4_GET_MAP_TOKEN		15
 #define KVMI_V4_EVENT			23
 #define KVMI_V4_EVENT_REPLY		24
+#define KVMI_V4_READ_PHYSICAL		13
+#define KVMI_V4_WRITE_PHYSICAL		14
 #define KVMI_V6_EVENT_REPLY		0
 #define KVMI_V6_EVENT			1
 #define KVMI_V6_GET_VERSION		2
 #define KVMI_V6_CONTROL_VM_EVENTS	8
 #define KVMI_V6_GET_MAP_TOKEN		22
+#define KVMI_V6_READ_PHYSICAL		17
+#define KVMI_V6_WRITE_PHYSICAL		18
 
 /* Handshake, before any framing; struct_size first, extensible. */
 struct kvmi_qemu2introspector {		/* device manager -> tool */
@@ -192,6 +196,26 @@ struct kvmi_event_reply {
 	__u32 padding2;
 };
 
+/*
+ * KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL parameters as kvmi.rst gives them.
+ * The v4/v6 headers say `__u64 size` over the same 8 bytes: identical for
+ * every valid size (1..4096, within one page).
+ */
+struct kvmi_vm_read_physical {
+	__u64 gpa;
+	__u16 size;
+	__u16 padding1;
+	__u32 padding2;
+};
+
+struct kvmi_vm_write_physical {
+	__u64 gpa;
+	__u16 size;
+	__u16 padding1;
+	__u32 padding2;
+	__u8 data[];			/* size bytes */
+};
+
 _Static_assert(sizeof(struct kvmi_map_mem_token) == 32, "kvmi_map_mem_token");
 _Static_assert(sizeof(struct kvmi_mem_map) == 48, "kvmi_mem_map");
 _Static_assert(sizeof(struct kvm_introspection_hook) == 24, "kvm_introspection_hook");
@@ -204,6 +228,8 @@ _Static_assert(sizeof(struct kvmi_get_version_reply_v4) == 16, "kvmi_get_version
 _Static_assert(sizeof(struct kvmi_control_vm_events) == 8, "kvmi_control_vm_events");
 _Static_assert(sizeof(struct kvmi_event) == 8, "kvmi_event");
 _Static_assert(sizeof(struct kvmi_event_reply) == 8, "kvmi_event_reply");
+_Static_assert(sizeof(struct kvmi_vm_read_physical) == 16, "kvmi_vm_read_physical");
+_Static_assert(sizeof(struct kvmi_vm_write_physical) == 16, "kvmi_vm_write_physical");
 
 _Static_assert(KVM_INTRO_MEM_MAP == 0x40306901, "KVM_INTRO_MEM_MAP");
 #if defined(__LP64__)

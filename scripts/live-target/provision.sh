@@ -156,6 +156,8 @@ echo "KVMMEM-TRUTH kernel_code $kc"
 # A single prefix-factored sed regex: ~0.4 s under TCG, vs ~2 s for awk or an
 # unfactored alternation.
 sed -n 's/^\([0-9a-f]*\) [A-Za-z] \(_s\?text\|_etext\|_[se]data\|_end\|linux_banner\|init_\(uts_ns\|task\|mm\|top_pgt\)\|jiffies\(_64\)\?\|page_offset_base\|vmalloc_base\|vmemmap_base\|phys_base\|__per_cpu_offset\)$/KVMMEM-TRUTH sym \2 \1/p' /proc/kallsyms
+# Optional extra truth: an initramfs appended by a test may carry /kvmmem-truth.sh.
+[ -f /kvmmem-truth.sh ] && . /kvmmem-truth.sh
 echo "KVMMEM-TRUTH ready"
 i=0
 while :; do
@@ -205,3 +207,7 @@ echo "INITRD=$INITRD"
 echo "QEMU=$QEMU"
 # Lab agent (native/lab/, cached by source hash); optional: report and continue.
 bash "$(dirname "${BASH_SOURCE[0]}")/../lab/build-agent.sh" >/dev/null 2>"$DIR/agent-build.log" && log "lab agent built" || log "warning: lab agent not built (see $DIR/agent-build.log); the live target works without it"
+# Guest module kvmmem.ko + kernel headers + the lab's guest modules (scripts/lab/provision-kmod.sh, cached); optional: report and continue.
+bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-kmod.sh" >/dev/null 2>"$DIR/kmod-build.log" && log "kvmmem.ko built" || log "warning: kvmmem.ko not built (see $DIR/kmod-build.log); the live target works without it"
+# The two-VM lab's introspector (virtiofsd, runner, initramfs): scripts/lab/provision-vm.sh.
+bash "$(dirname "${BASH_SOURCE[0]}")/../lab/provision-vm.sh" >/dev/null 2>"$DIR/lab-vm.log" && log "lab introspector provisioned" || { cat "$DIR/lab-vm.log" >&2; log "warning: lab introspector not provisioned (see $DIR/lab-vm.log); the live target works without it"; }

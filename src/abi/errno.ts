@@ -159,7 +159,7 @@ export function errnoName(n: number): string {
   return BY_NUMBER.get(Math.abs(n))?.[0] ?? `E${n}`;
 }
 
-/** Number for a name (or alias). Throws RangeError for unknown names. */
+/** Number for a name (or alias). Throws RangeError for unknown names (not UsageError: src/errors.ts imports this module). */
 export function errnoNumber(name: string): number {
   const v = Object.hasOwn(ERRNO, name) ? ERRNO[name] : Object.hasOwn(ALIASES, name) ? ALIASES[name] : undefined;
   if (v === undefined) throw new RangeError(`unknown errno name ${JSON.stringify(name)}`);

@@ -73,6 +73,13 @@ export const KVM_INTRO_MEM_MAP = _IOW('i', 0x01, 48);
 /** _IOW('i', 0x02, unsigned long), but the address is the argument value itself, not a pointer. */
 export const KVM_INTRO_MEM_UNMAP = _IOW('i', 0x02, 8);
 
+/**
+ * The *other* /dev/kvmmem: libkvmi's "remote mapping v2" reuses the name and
+ * 'i' 0x01 (KVM_GUEST_MEM_OPEN, a different request). Only probed, to tell
+ * the user which interface a device speaks: kvmmem speaks v1 (RFC v4).
+ */
+export const KVM_GUEST_MEM_UNMAP_V2 = _IOW('i', 0x03, 8);
+
 export const KVMIO = 0xae;
 /** VM ioctl, _IOW(KVMIO, 0xc3, struct kvm_introspection_hook). */
 export const KVM_INTROSPECTION_HOOK = _IOW(KVMIO, 0xc3, 24);
@@ -86,6 +93,7 @@ const NAMES: ReadonlyMap<number, string> = new Map([
   [KVM_INTROSPECTION_HOOK, 'KVM_INTROSPECTION_HOOK'],
   [KVM_INTROSPECTION_UNHOOK, 'KVM_INTROSPECTION_UNHOOK'],
   [KVM_INTROSPECTION_PREUNHOOK, 'KVM_INTROSPECTION_PREUNHOOK'],
+  [KVM_GUEST_MEM_UNMAP_V2, 'KVM_GUEST_MEM_UNMAP (v2)'],
 ]);
 
 /** Symbolic name of a known request, else its hex value (e.g. '0x40086903'). */

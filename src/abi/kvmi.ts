@@ -27,11 +27,14 @@ export interface KvmiMessageIds {
   /** v4 has no such command. */
   CONTROL_VM_EVENTS: number | null;
   GET_MAP_TOKEN: number;
+  /** KVMI_READ_PHYSICAL (v4 13, v6 17; later series call it KVMI_VM_READ_PHYSICAL). */
+  READ_PHYSICAL: number;
+  WRITE_PHYSICAL: number;
 }
 
 export const KVMI_IDS: Readonly<Record<KvmiProtocol, Readonly<KvmiMessageIds>>> = Object.freeze({
-  v4: Object.freeze({ EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15 }),
-  v6: Object.freeze({ EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22 }),
+  v4: Object.freeze({ EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14 }),
+  v6: Object.freeze({ EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18 }),
 });
 
 function checkProtocol(protocol: KvmiProtocol): KvmiProtocol {
@@ -138,11 +141,42 @@ export const KVMI_EVENT_REPLY_LAYOUT = {
   },
 } as const satisfies StructLayout;
 
+/**
+ * KVMI_READ_PHYSICAL's parameters, as the KVMI documentation (kvmi.rst) gives
+ * struct kvmi_vm_read_physical. The v4/v6 headers declare `__u64 size` where
+ * this has `__u16 size; __u16 padding1; __u32 padding2`: the same 16 bytes,
+ * identical for every valid size (1..4096), and a value with any of bytes
+ * 10..15 set is refused (-KVM_EINVAL) by both readings. Reply: kvmi_error_code,
+ * then exactly `size` bytes.
+ */
+export const KVMI_READ_PHYSICAL_LAYOUT = {
+  name: 'kvmi_vm_read_physical',
+  size: 16,
+  fields: {
+    gpa: { offset: 0, size: 8 },
+    size: { offset: 8, size: 2 },
+    padding1: { offset: 10, size: 2 },
+    padding2: { offset: 12, size: 4 },
+  },
+} as const satisfies StructLayout;
+
+/** KVMI_WRITE_PHYSICAL: the same 16 bytes, then `size` bytes of data (data[0]). Reply: kvmi_error_code only. */
+export const KVMI_WRITE_PHYSICAL_LAYOUT = {
+  name: 'kvmi_vm_write_physical',
+  size: 16,
+  fields: {
+    gpa: { offset: 0, size: 8 },
+    size: { offset: 8, size: 2 },
+    padding1: { offset: 10, size: 2 },
+    padding2: { offset: 12, size: 4 },
+  },
+} as const satisfies StructLayout;
+
 /** KVMI wire structs, for tooling and the C cross-check. */
 export const KVMI_STRUCT_LAYOUTS: readonly StructLayout[] = [
   KVMI_MSG_HDR_LAYOUT, KVMI_ERROR_CODE_LAYOUT, KVMI_QEMU2INTROSPECTOR_LAYOUT, KVMI_INTROSPECTOR2QEMU_LAYOUT,
   KVMI_GET_VERSION_REPLY_LAYOUT, KVMI_GET_VERSION_REPLY_V4_LAYOUT, KVMI_CONTROL_VM_EVENTS_LAYOUT,
-  KVMI_EVENT_LAYOUT, KVMI_EVENT_REPLY_LAYOUT,
+  KVMI_EVENT_LAYOUT, KVMI_EVENT_REPLY_LAYOUT, KVMI_READ_PHYSICAL_LAYOUT, KVMI_WRITE_PHYSICAL_LAYOUT,
 ];
 
 // ---- kvmi_msg_hdr ----
@@ -523,6 +557,80 @@ export function decodeMapTokenReply(buf: Uint8Array): { err: number; token?: Uin
   if (err !== 0) return { err };
   const b = needBytes('kvmi_map_mem_token', buf, ERROR_CODE_SIZE, MEM_TOKEN_SIZE);
   return { err, token: copyBytes(b, ERROR_CODE_SIZE, MEM_TOKEN_SIZE) };
+}
+
+// ---- KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL ----
+
+export const PHYSICAL_REQUEST_SIZE = 16;
+/**
+ * One request reads or writes 1..4096 bytes inside one 4 KiB page
+ * ((gpa & 4095) + size <= 4096); the host answers anything else -KVM_EINVAL.
+ */
+export const PHYSICAL_MAX_SIZE = 4096;
+
+export interface PhysicalRequest { gpa: bigint; size: number }
+
+/** Why (gpa, size) is not one valid request, or null. The host's rule, shared by both ends. */
+export function physicalRangeProblem(gpa: bigint, size: number): string | null {
+  if (!Number.isInteger(size) || size < 1 || size > PHYSICAL_MAX_SIZE) return `size must be 1..${PHYSICAL_MAX_SIZE}, got ${String(size)}`;
+  if ((Number(gpa & 0xfffn) + size) > PHYSICAL_MAX_SIZE) return `[${hex(gpa)}, +${size}) crosses a page boundary`;
+  return null;
+}
+
+function encodePhysicalHeader(L: typeof KVMI_READ_PHYSICAL_LAYOUT | typeof KVMI_WRITE_PHYSICAL_LAYOUT, r: PhysicalRequest, buf: Buffer, offset: number): void {
+  if (typeof r.gpa !== 'bigint' || r.gpa < 0n || r.gpa > 0xffff_ffff_ffff_ffffn) throw new UsageError(`${L.name}.gpa must be a u64 bigint, got ${String(r.gpa)}`);
+  const problem = physicalRangeProblem(r.gpa, r.size);
+  if (problem !== null) throw new UsageError(`${L.name}: ${problem}`);
+  buf.writeBigUInt64LE(r.gpa, offset + L.fields.gpa.offset);
+  buf.writeUInt16LE(r.size, offset + L.fields.size.offset);
+  buf.writeUInt16LE(0, offset + L.fields.padding1.offset);
+  buf.writeUInt32LE(0, offset + L.fields.padding2.offset);
+}
+
+/** The 16-byte KVMI_READ_PHYSICAL body; a size or page crossing the host would refuse is a UsageError. */
+export function encodeReadPhysical(r: PhysicalRequest, into?: Buffer, offset = 0): Buffer {
+  const L = KVMI_READ_PHYSICAL_LAYOUT;
+  const buf = outBuffer(L.name, L.size, into, offset);
+  encodePhysicalHeader(L, r, buf, offset);
+  return buf;
+}
+
+/**
+ * Decodes a KVMI_READ_PHYSICAL body as the host does: AbiDecodeError for a
+ * body that is not 16 bytes or non-zero padding. The range itself is not
+ * judged here (physicalRangeProblem): the host answers that with an error code.
+ */
+export function decodeReadPhysical(buf: Uint8Array): PhysicalRequest {
+  const L = KVMI_READ_PHYSICAL_LAYOUT;
+  const b = needBytes(L.name, buf, 0, L.size);
+  if (b.length !== L.size) throw new AbiDecodeError(L.name, 'size', `body is ${b.length} bytes, expected ${L.size}`);
+  expectZero(L.name, 'padding1', b.readUInt16LE(L.fields.padding1.offset));
+  expectZero(L.name, 'padding2', b.readUInt32LE(L.fields.padding2.offset));
+  return { gpa: b.readBigUInt64LE(L.fields.gpa.offset), size: b.readUInt16LE(L.fields.size.offset) };
+}
+
+/** The KVMI_WRITE_PHYSICAL body: 16 bytes + data (data.length is the size). */
+export function encodeWritePhysical(gpa: bigint, data: Uint8Array): Buffer {
+  const L = KVMI_WRITE_PHYSICAL_LAYOUT;
+  if (!(data instanceof Uint8Array)) throw new UsageError(`${L.name}.data must be a Uint8Array`);
+  const buf = Buffer.allocUnsafe(L.size + data.length);
+  encodePhysicalHeader(L, { gpa, size: data.length }, buf, 0);
+  buf.set(data, L.size);
+  return buf;
+}
+
+/**
+ * Decodes a KVMI_WRITE_PHYSICAL body: AbiDecodeError if shorter than 16
+ * bytes or with non-zero padding. `data` is a view of what follows the
+ * header; whether its length equals `size` is for the host to answer
+ * (-KVM_EINVAL), as the kernel does.
+ */
+export function decodeWritePhysical(buf: Uint8Array): PhysicalRequest & { data: Buffer } {
+  const L = KVMI_WRITE_PHYSICAL_LAYOUT;
+  const b = needBytes(L.name, buf, 0, L.size);
+  expectZero(L.name, 'padding1', b.readUInt16LE(L.fields.padding1.offset));
+  expectZero(L.name, 'padding2', b.readUInt32LE(L.fields.padding2.offset));
+  return { gpa: b.readBigUInt64LE(L.fields.gpa.offset), size: b.readUInt16LE(L.fields.size.offset), data: b.subarray(L.size) };
 }
 
 // ---- stream framing ----

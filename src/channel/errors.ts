@@ -32,10 +32,11 @@ export class KvmiError extends KvmmemError {
    * `err` as carried in kvmi_error_code (negative, e.g. -11 or -1000 for
    * -KVM_ENOSYS); `message` is the command name, e.g. 'KVMI_GET_MAP_TOKEN'.
    */
-  constructor(err: number, message: string, opts: { seq?: number; hint?: string; vm?: string } = {}) {
+  constructor(err: number, message: string, opts: { seq?: number; hint?: string; vm?: string; detail?: string } = {}) {
     const n = Math.abs(err);
     const hint = opts.hint ?? KVMI_HINTS[n];
-    super(`${describeErrno(n, message)}${opts.vm === undefined ? '' : ` [VM ${opts.vm}]`}`, {
+    const what = opts.detail === undefined ? message : `${message}(${opts.detail})`;
+    super(`${describeErrno(n, what)}${opts.vm === undefined ? '' : ` [VM ${opts.vm}]`}`, {
       code: errnoName(n), errno: -n, syscall: message, ...(hint === undefined ? {} : { hint }),
     });
     this.seq = opts.seq;
@@ -74,16 +75,18 @@ export class ProtocolError extends KvmmemError {
 }
 
 /**
- * The per-connection bounds (see ChannelLimits in vm.ts). Going over any of
- * them closes that connection, and only that one.
+ * The per-connection bounds (see ChannelLimits in vm.ts), and the server's
+ * maxHandshakes ('handshakes'). Going over any of them closes that
+ * connection, and only that one.
  */
-export type ChannelLimitName = 'message' | 'readBuffer' | 'writeQueue' | 'writeStall';
+export type ChannelLimitName = 'message' | 'readBuffer' | 'writeQueue' | 'writeStall' | 'handshakes';
 
 const LIMIT_HINTS: Readonly<Record<ChannelLimitName, string>> = {
   message: 'the peer sent a message larger than KVMI allows (limits.maxMessageBytes)',
   readBuffer: 'the peer sent more than limits.maxReadBufferBytes that could not be processed yet',
   writeQueue: 'more than limits.maxWriteQueueBytes of replies and requests are waiting for the peer to read them',
   writeStall: 'the peer did not read the replies queued for it (over limits.writeHighWaterBytes) for limits.writeStallMs',
+  handshakes: 'too many connections were in the handshake at once (the server\'s maxHandshakes): slow or idle peers hold them until handshakeTimeoutMs',
 };
 
 /** A peer went over a per-connection bound; that connection was closed (code 'ERR_KVMI_LIMIT'). */

@@ -1,6 +1,6 @@
 /**
  * The introspection tool's end of KVMI: like libkvmi, the tool listens (unix
- * socket or vsock) and device managers connect, one connection per VM.
+ * socket, vsock or TCP) and device managers connect, one connection per VM.
  *
  * Per connection: read kvmi_qemu2introspector (struct_size first; larger
  * structs from newer peers are accepted and cut, shorter ones zero-filled),
@@ -20,6 +20,13 @@
  * a VM whose UUID is already connected is refused before the cookie hash is
  * sent. The cookie is required: the handshake answer proves only knowledge of
  * SHA-1(cookie), so it must not be a value every install shares.
+ *
+ * TCP: the same handshake and cookie; there is no SO_PEERCRED for a TCP peer,
+ * so `allowUids` cannot apply and giving it with a TCP address is a
+ * UsageError. The host defaults to 127.0.0.1; anyone who can connect to the
+ * port receives SHA-1(cookie) (see README "Who may connect"). Nagle is off
+ * (one request, one reply). At most `maxHandshakes` connections may be in
+ * the handshake at once, on any transport; more are closed at once.
  */
 import { EventEmitter } from 'node:events';
 import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
@@ -32,22 +39,35 @@ import {
 import { cookieHash } from '../abi/cookie.js';
 import { KvmmemError, UsageError } from '../errors.js';
 import { peerCred } from '../sys/peercred.js';
-import { PeerRefusedError, ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
+import { ChannelLimitError, PeerRefusedError, ProtocolError, ServerClosedError, TimeoutError, VmGoneError } from './errors.js';
 import { RawSocketListener } from './rawfd.js';
 import { formatUuid, resolveLimits, Vm, type ChannelLimits } from './vm.js';
 
 const debug = debuglog('kvmmem');
 
-export type ListenAddress = { unix: string } | { vsock: number; cid?: number };
-export type BoundAddress = { unix: string } | { vsock: number; cid: number };
+export type ListenAddress = { unix: string } | { vsock: number; cid?: number } | { tcp: { host?: string; port: number } };
+export type BoundAddress = { unix: string } | { vsock: number; cid: number } | { tcp: { host: string; port: number } };
+
+/** 'unix:PATH', 'vsock:PORT' (cid when not any), 'tcp:HOST:PORT': how the CLI writes addresses. */
+export function formatAddress(a: BoundAddress | ListenAddress): string {
+  if ('unix' in a) return `unix:${a.unix}`;
+  if ('vsock' in a) return `vsock:${a.vsock}${a.cid === undefined || a.cid === 0xffffffff ? '' : ` (cid ${a.cid})`}`;
+  const host = a.tcp.host ?? DEFAULT_TCP_HOST;
+  return `tcp:${host.includes(':') ? `[${host}]` : host}:${a.tcp.port}`;
+}
+
+/** Where a TCP listener binds when no host is given: loopback only. */
+export const DEFAULT_TCP_HOST = '127.0.0.1';
 
 export interface IntrospectionServerOptions {
   /** Shared secret (required, non-empty); its SHA-1 goes into the handshake reply. */
   cookie: string | Uint8Array;
   /** Mode of the unix socket file, set right after bind whatever the umask (default 0o600). */
   mode?: number;
-  /** uids (SO_PEERCRED) allowed to connect over unix (default [0, process.geteuid()]). */
+  /** uids (SO_PEERCRED) allowed to connect over unix (default [0, process.geteuid()]); not with TCP (UsageError). */
   allowUids?: readonly number[];
+  /** Connections in the handshake at once, all transports (default 64); more are closed at once and reported 'rejected'. */
+  maxHandshakes?: number;
   /** Per-connection bounds (see ChannelLimits). */
   limits?: Partial<ChannelLimits>;
   /** Message ids to speak (default 'v6'). */
@@ -86,6 +106,8 @@ export declare interface IntrospectionServer {
 }
 
 type Resolved = Required<Omit<IntrospectionServerOptions, 'cookie' | 'limits' | 'allowUids'>> & {
+  /** Whether allowUids was given (it cannot apply to TCP). */
+  allowUidsGiven: boolean;
   limits: Readonly<ChannelLimits>;
   allowUids: readonly number[];
 };
@@ -134,20 +156,32 @@ export class IntrospectionServer extends EventEmitter {
       autoCloseOnUnhook: options.autoCloseOnUnhook ?? true,
       mode,
       allowUids: Object.freeze([...allowUids]),
+      allowUidsGiven: options.allowUids !== undefined,
+      maxHandshakes: checkCount('maxHandshakes', options.maxHandshakes ?? 64),
       limits: resolveLimits(options.limits, requestTimeoutMs),
     });
     this.#hash = cookieHash(cookie);
   }
 
-  /** Listens on a unix socket path or a vsock port (cid default VMADDR_CID_ANY; port 0xffffffff = any). */
+  /**
+   * Listens on a unix socket path, a vsock port (cid default VMADDR_CID_ANY;
+   * port 0xffffffff = any) or a TCP port (host default 127.0.0.1; port 0 = any
+   * free port, see `address`).
+   */
   static async listen(address: ListenAddress, options: IntrospectionServerOptions): Promise<IntrospectionServer> {
     const server = new IntrospectionServer(options);
     if (address !== null && typeof address === 'object' && 'unix' in address && typeof address.unix === 'string') {
       await server.#listenUnix(address.unix);
     } else if (address !== null && typeof address === 'object' && 'vsock' in address && typeof address.vsock === 'number') {
       server.#listenVsock(address.vsock, address.cid);
+    } else if (address !== null && typeof address === 'object' && 'tcp' in address && address.tcp !== null && typeof address.tcp === 'object') {
+      if (server.options.allowUidsGiven) {
+        throw new UsageError('allowUids cannot apply to a TCP listener: a TCP peer has no SO_PEERCRED credentials',
+          'drop allowUids for TCP; who may connect is then whoever can reach the port (bind to 127.0.0.1, or firewall it) and knows the cookie');
+      }
+      await server.#listenTcp(address.tcp.host ?? DEFAULT_TCP_HOST, address.tcp.port);
     } else {
-      throw new UsageError('listen address must be { unix: path } or { vsock: port, cid? }');
+      throw new UsageError('listen address must be { unix: path }, { vsock: port, cid? } or { tcp: { host?, port } }');
     }
     return server;
   }
@@ -159,7 +193,9 @@ export class IntrospectionServer extends EventEmitter {
 
   /** Where it listens; null for a server from create(). */
   get address(): BoundAddress | null {
-    return this.#address === null ? null : { ...this.#address };
+    const a = this.#address;
+    if (a === null) return null;
+    return 'tcp' in a ? { tcp: { ...a.tcp } } : { ...a };
   }
 
   get closed(): boolean {
@@ -219,6 +255,13 @@ export class IntrospectionServer extends EventEmitter {
     stream.on('error', (e: Error) => debug('%s connection: socket error %s', transport, e.message)); // never unhandled
     if (this.#closed) {
       stream.destroy();
+      return;
+    }
+    const max = this.options.maxHandshakes;
+    if (this.#handshaking.size >= max) {
+      stream.destroy();
+      const what = `${max} connections are already in the handshake (maxHandshakes)`;
+      this.#rejected({ reason: what, transport, error: new ChannelLimitError('handshakes', max + 1, max, what) });
       return;
     }
     this.#handshake(stream, transport);
@@ -283,6 +326,37 @@ export class IntrospectionServer extends EventEmitter {
     });
     srv.on('error', (e: Error) => this.#emitError(e));
     debug('introspection server listening on unix:%s', path);
+  }
+
+  async #listenTcp(host: unknown, port: unknown): Promise<void> {
+    if (typeof host !== 'string' || host === '') throw new UsageError(`tcp.host must be a non-empty string, got ${String(host)}`);
+    if (typeof port !== 'number' || !Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`tcp.port must be 0..65535 (0: any free port), got ${String(port)}`);
+    const label = `tcp:${host.includes(':') ? `[${host}]` : host}:${port}`;
+    const srv = net.createServer({ allowHalfOpen: false, noDelay: true });
+    await new Promise<void>((resolve, reject) => {
+      const onError = (e: NodeJS.ErrnoException) => {
+        reject(new KvmmemError(`listen ${label}: ${e.message}`, {
+          code: e.code ?? 'EIO', ...(e.errno === undefined ? {} : { errno: e.errno }), syscall: 'listen', cause: e,
+          ...(e.code === 'EADDRINUSE' ? { hint: 'another process listens on that port: choose another (port 0 picks a free one)' } : {}),
+          ...(e.code === 'EADDRNOTAVAIL' || e.code === 'ENOTFOUND' ? { hint: 'that host is not an address of this machine' } : {}),
+          ...(e.code === 'EACCES' ? { hint: 'ports below 1024 need privileges' } : {}),
+        }));
+      };
+      srv.once('error', onError);
+      srv.listen({ host, port }, () => {
+        srv.off('error', onError);
+        resolve();
+      });
+    });
+    this.#net = srv;
+    const a = srv.address() as net.AddressInfo;
+    this.#address = { tcp: { host: a.address, port: a.port } };
+    srv.on('connection', (s: net.Socket) => {
+      s.setNoDelay(true);
+      this.adopt(s, 'tcp');
+    });
+    srv.on('error', (e: Error) => this.#emitError(e));
+    debug('introspection server listening on tcp:%s:%d', a.address, a.port);
   }
 
   #listenVsock(port: number, cid?: number): void {
@@ -443,6 +517,11 @@ export class IntrospectionServer extends EventEmitter {
     if (this.#closed) return;
     this.emit('rejected', info);
   }
+}
+
+function checkCount(what: string, v: number): number {
+  if (!Number.isSafeInteger(v) || v < 1) throw new UsageError(`${what} must be a positive integer, got ${String(v)}`);
+  return v;
 }
 
 function checkMs(what: string, v: number): number {

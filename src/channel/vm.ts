@@ -25,12 +25,14 @@ import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import { stringify as uuidStringify, validate as uuidValidate } from 'uuid';
 import {
-  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMsgHdr,
+  decodeEvent, decodeGetVersionReply, encodeControlVmEvents, encodeEventReply, encodeMsgHdr, encodeReadPhysical, encodeWritePhysical,
+  PHYSICAL_MAX_SIZE, PHYSICAL_REQUEST_SIZE,
   kvmiMessageName, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, EVENT_SIZE, GET_VERSION_REPLY_SIZE, KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_UNHOOK,
   KVMI_IDS, MSG_HDR_SIZE, MSG_MAX_BODY_SIZE, type GetVersionReply, type KvmiMessageIds, type KvmiProtocol, type MsgHdr, type Qemu2Introspector,
 } from '../abi/kvmi.js';
 import { MEM_TOKEN_SIZE } from '../abi/structs.js';
 import { ERRNO } from '../abi/errno.js';
+import { hex } from '../abi/errors.js';
 import { KvmmemError, UsageError } from '../errors.js';
 import { ChannelLimitError, KvmiError, ProtocolError, TimeoutError, VmGoneError, type ChannelLimitName } from './errors.js';
 
@@ -67,6 +69,11 @@ export interface ChannelLimits {
    * (which only event replies can force) never waits on replies we stopped reading.
    */
   maxPending: number;
+  /**
+   * Most bytes one readPhysical()/writePhysical() call moves (default 16 MiB):
+   * the tool allocates that much for a read; more is a UsageError, not a request.
+   */
+  maxPhysicalBytes: number;
 }
 
 export const DEFAULT_LIMITS: Readonly<Omit<ChannelLimits, 'writeStallMs'>> = Object.freeze({
@@ -76,6 +83,7 @@ export const DEFAULT_LIMITS: Readonly<Omit<ChannelLimits, 'writeStallMs'>> = Obj
   maxWriteQueueBytes: 4 << 20,
   eventsPerTurn: 64,
   maxPending: 16384,
+  maxPhysicalBytes: 16 << 20,
 });
 
 /** Fills in and checks limits (UsageError for a bad value). */
@@ -136,6 +144,24 @@ export interface VmOptions {
   transport?: string;
   /** Per-connection bounds (defaults: DEFAULT_LIMITS; writeStallMs = requestTimeoutMs). */
   limits?: Partial<ChannelLimits>;
+}
+
+export interface PhysicalOptions {
+  /** Per-request reply timeout (default: the server's requestTimeoutMs). */
+  timeoutMs?: number;
+}
+
+const PHYSICAL_HINTS: Readonly<Record<number, string>> = {
+  [ERRNO.ENOENT!]: 'no guest memory at that gpa: a hole in the guest-physical map (e.g. below 4 GiB on a PC) or past the end of its RAM',
+  [ERRNO.EINVAL!]: 'the host refused the gpa/size pair: each request must stay within one 4 KiB page (kvmmem splits them so) with zero padding',
+  [ERRNO.EPERM!]: 'the device manager or KVM does not allow this command for this VM',
+};
+
+/** A u64 guest-physical address from a bigint or a safe non-negative integer. */
+function physicalGpa(what: string, gpa: bigint | number): bigint {
+  if (typeof gpa === 'number' && Number.isSafeInteger(gpa) && gpa >= 0) return BigInt(gpa);
+  if (typeof gpa === 'bigint' && gpa >= 0n && gpa <= 0xffff_ffff_ffff_ffffn) return gpa;
+  throw new UsageError(`${what}: gpa must be a non-negative bigint (u64) or safe integer, got ${String(gpa)}`);
 }
 
 export interface RequestOptions {
@@ -494,6 +520,106 @@ export class Vm extends EventEmitter {
       b.out[k] = token;
     }
     if (--b.left === 0) b.resolve(b.out);
+  }
+
+  /**
+   * KVMI_READ_PHYSICAL: copies `length` bytes of guest-physical memory from
+   * `gpa` over the socket (the LibVMI way; session.mapRange() maps instead).
+   * Split into one request per page piece (the host takes at most one page
+   * each), pipelined in windows that keep the replies in flight under half of
+   * limits.maxReadBufferBytes. Rejects with the first failure: KvmiError
+   * ENOENT (no memory there) / EINVAL / EPERM naming the piece, VmGoneError,
+   * TimeoutError; a UsageError for a bad gpa or a length over limits.maxPhysicalBytes.
+   */
+  async readPhysical(gpa: bigint | number, length: number, options: PhysicalOptions = {}): Promise<Buffer> {
+    const name = 'KVMI_READ_PHYSICAL';
+    const start = this.#physicalArgs(name, gpa, length);
+    const out = Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const reply = MSG_HDR_SIZE + ERROR_CODE_SIZE + PHYSICAL_MAX_SIZE;
+    const window = Math.max(1, Math.min(MAX_PIPELINE, Math.floor(this.#limits.maxReadBufferBytes / 2 / reply)));
+    await this.#physical(name, this.#ids.READ_PHYSICAL, start, length, window, options, (a, size) => encodeReadPhysical({ gpa: a, size }),
+      (at) => (data: Buffer) => { data.copy(out, at); });
+    return out;
+  }
+
+  /**
+   * KVMI_WRITE_PHYSICAL: writes `data` into guest-physical memory at `gpa`,
+   * one request per page piece, in windows that keep what waits to be written
+   * under half of limits.writeHighWaterBytes (a host that answers slowly
+   * then only slows us, it never pauses our reads). Errors as readPhysical;
+   * pieces before a failing one may have been written.
+   */
+  async writePhysical(gpa: bigint | number, data: Uint8Array, options: PhysicalOptions = {}): Promise<void> {
+    const name = 'KVMI_WRITE_PHYSICAL';
+    if (!(data instanceof Uint8Array)) throw new UsageError(`${name}: data must be a Buffer or Uint8Array`);
+    const start = this.#physicalArgs(name, gpa, data.length);
+    if (data.length === 0) return;
+    const request = MSG_HDR_SIZE + PHYSICAL_REQUEST_SIZE + PHYSICAL_MAX_SIZE;
+    const window = Math.max(1, Math.min(MAX_PIPELINE, Math.floor(this.#limits.writeHighWaterBytes / 2 / request)));
+    await this.#physical(name, this.#ids.WRITE_PHYSICAL, start, data.length, window, options,
+      (a, size, at) => encodeWritePhysical(a, data.subarray(at, at + size)), null);
+  }
+
+  #physicalArgs(name: string, gpa: bigint | number, length: number): bigint {
+    const start = physicalGpa(name, gpa);
+    const max = this.#limits.maxPhysicalBytes;
+    if (!Number.isSafeInteger(length) || length < 0 || length > max) {
+      throw new UsageError(`${name}: length must be an integer in 0..${max} (limits.maxPhysicalBytes), got ${String(length)}`);
+    }
+    if (start + BigInt(length) > 1n << 64n) throw new UsageError(`${name}: [${hex(start)}, +${length}) runs past the 64-bit address space`);
+    return start;
+  }
+
+  /**
+   * The page pieces of [start, start + length), `window` requests per write;
+   * each window is awaited before the next is sent. `onData(at)` gets the
+   * piece at byte offset `at` (null: the reply carries no data).
+   */
+  async #physical(name: string, id: number, start: bigint, length: number, window: number, options: PhysicalOptions,
+    body: (gpa: bigint, size: number, at: number) => Buffer, onData: ((at: number) => (data: Buffer) => void) | null): Promise<void> {
+    const pieces: { gpa: bigint; size: number; at: number }[] = [];
+    for (let at = 0; at < length;) {
+      const a = start + BigInt(at);
+      const size = Math.min(length - at, PHYSICAL_MAX_SIZE - Number(a & 0xfffn));
+      pieces.push({ gpa: a, size, at });
+      at += size;
+    }
+    for (let from = 0; from < pieces.length; from += window) {
+      const batch = pieces.slice(from, from + window);
+      if (this.#state !== 'connected') {
+        throw new VmGoneError(this.#goneInfo?.reason ?? 'unhooking', { vm: this.#label(), syscall: name });
+      }
+      const busy = this.#overPending(batch.length, name);
+      if (busy !== null) throw busy;
+      let left = batch.length;
+      let failed: Error | null = null;
+      let done!: () => void;
+      const settled = new Promise<void>((resolve) => { done = resolve; });
+      const settle = () => { if (--left === 0) done(); };
+      this.#send(id, name, batch.map((p) => body(p.gpa, p.size, p.at)), options, (k, p) => {
+        const piece = batch[k]!;
+        p.expect = onData === null ? 0 : piece.size;
+        const take = onData?.(piece.at);
+        p.resolve = (data: Buffer) => {
+          take?.(data);
+          settle();
+        };
+        p.reject = (e: Error) => {
+          if (failed === null) {
+            failed = e instanceof KvmiError
+              ? new KvmiError(e.errno ?? -ERRNO.EIO!, name, {
+                ...(e.seq === undefined ? {} : { seq: e.seq }), vm: this.#label(), detail: `gpa ${hex(piece.gpa)}, ${piece.size} bytes`,
+                ...(PHYSICAL_HINTS[Math.abs(e.errno ?? 0)] === undefined ? {} : { hint: PHYSICAL_HINTS[Math.abs(e.errno ?? 0)]! }),
+              })
+              : e;
+          }
+          settle();
+        };
+      }, null);
+      await settled;
+      if (failed !== null) throw failed;
+    }
   }
 
   /** KVMI_CONTROL_VM_EVENTS (v6 only; v4 has no such command and rejects with KvmiError ENOSYS). */

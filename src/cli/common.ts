@@ -55,18 +55,32 @@ export function output(json: boolean): Output {
   };
 }
 
-/** A progress bar on a TTY (never under --json or when stderr is not a terminal). */
-export function progressBar(json: boolean, total: number, unit: string): { update(done: number, extra?: string): void; stop(): void } {
+/** A byte count as people read it: B under 1 KiB, KiB under 1 MiB, then MiB and GiB (one decimal). */
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 2 ** 20) return `${(n / 1024).toFixed(1)} KiB`;
+  if (n < 2 ** 30) return `${(n / 2 ** 20).toFixed(1)} MiB`;
+  return `${(n / 2 ** 30).toFixed(2)} GiB`;
+}
+
+/** A progress bar on a TTY (never under --json or when stderr is not a terminal): bytes done of total, rate and ETA. */
+export function progressBar(json: boolean, total: number): { update(done: number, extra?: string): void; stop(): void } {
   if (json || !process.stderr.isTTY) return { update() {}, stop() {} };
+  const t0 = performance.now();
   const bar = new SingleBar({
     stream: process.stderr,
-    format: `{bar} {percentage}% | {value}/{total} ${unit} | {extra}`,
+    format: '{bar} {percentage}% | {doneText} of {totalText} | {rate}/s | ETA {eta_formatted} | {extra}',
     hideCursor: true,
     clearOnComplete: true,
+    etaBuffer: 20,
   }, Presets.shades_classic);
-  bar.start(total, 0, { extra: '' });
+  const payload = (done: number, extra: string) => {
+    const s = (performance.now() - t0) / 1000;
+    return { doneText: formatBytes(done), totalText: formatBytes(total), rate: s > 0 ? formatBytes(Math.round(done / s)) : '-', extra };
+  };
+  bar.start(total, 0, payload(0, ''));
   return {
-    update(done, extra = '') { bar.update(done, { extra }); },
+    update(done, extra = '') { bar.update(done, payload(done, extra)); },
     stop() { bar.stop(); },
   };
 }
@@ -162,7 +176,10 @@ export async function runCommand(body: () => Promise<number | void>): Promise<vo
       process.stderr.write(`kvmmem: ${e.message}\n`);
       process.exitCode = EXIT.FAILED;
     } else {
-      process.stderr.write(`kvmmem: ${(e as Error)?.stack ?? String(e)}\n`);
+      // Not one of ours: still one line for the user; the stack only when debugging.
+      const debugging = /\bkvmmem\b/.test(process.env.NODE_DEBUG ?? '');
+      const text = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+      process.stderr.write(debugging && e instanceof Error ? `kvmmem: ${e.stack}\n` : `kvmmem: ${text.split('\n', 1)[0]} (an unexpected error: NODE_DEBUG=kvmmem shows its stack; please report it)\n`);
       process.exitCode = EXIT.FAILED;
     }
   }

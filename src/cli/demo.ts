@@ -7,8 +7,19 @@
 import { ModelLab } from '../lab/model-lab.js';
 import { hex } from '../client/address.js';
 import { PhysicalReader, AddressSpace, scan, buildSyntheticGuest } from '../inspect/index.js';
+import { readFileSync } from 'node:fs';
+import { freemem } from 'node:os';
 import type { Output } from './common.js';
-import { progressBar } from './common.js';
+import { CliUsageError, progressBar } from './common.js';
+
+/** Bytes the kernel could give without swapping (MemAvailable), or os.freemem() without /proc. */
+function availableMemory(): number {
+  try {
+    const m = /^MemAvailable:\s+(\d+) kB$/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+    if (m) return Number(m[1]) * 1024;
+  } catch { /* no /proc */ }
+  return freemem();
+}
 
 export interface DemoOptions {
   seed: number;
@@ -16,6 +27,12 @@ export interface DemoOptions {
 }
 
 export async function runDemo(out: Output, opts: DemoOptions): Promise<number> {
+  // The guest's RAM is a memfd the demo fills: more than the machine has would end in the OOM killer.
+  const avail = availableMemory();
+  if (opts.memoryMiB < 1) throw new CliUsageError('demo: --memory must be at least 1 MiB');
+  if (opts.memoryMiB * 2 ** 20 > avail * 0.8) {
+    throw new CliUsageError(`demo: --memory ${opts.memoryMiB} MiB is more than this machine can spare (${Math.floor(avail / 2 ** 20)} MiB available): give at most ${Math.floor((avail * 0.8) / 2 ** 20)}`);
+  }
   const t0 = performance.now();
   const lab = await ModelLab.start({ vms: [{ name: 'demo-guest', memory: opts.memoryMiB * 1024 * 1024 }] });
   try {
@@ -33,7 +50,7 @@ export async function runDemo(out: Output, opts: DemoOptions): Promise<number> {
     const end = BigInt(opts.memoryMiB) << 20n;
 
     // 1. Scan all of guest-physical memory for the banner, zero-copy.
-    const bar = progressBar(out.json, Number(end), 'bytes');
+    const bar = progressBar(out.json, Number(end));
     const found = await scan(session, vm, 'Linux version ', { to: end, onProgress: (p) => bar.update(p.done, `${p.matches} matches`) });
     bar.stop();
     const reader = new PhysicalReader(session, vm, { cachePages: 64 });

@@ -3,17 +3,20 @@
  * or decimal, prints text or one JSON document (--json), and exits 0 on
  * success, 1 when the operation failed, 2 on bad input.
  */
-import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { hex } from '../client/address.js';
-import { PhysicalReader, AddressSpace, scan } from '../inspect/index.js';
-import * as faults from '../sys/faults.js';
-import { IntrospectionServer } from '../channel/index.js';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { IntrospectionServer, formatAddress } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
 import { ModelLab } from '../lab/model-lab.js';
-import { CliUsageError, EXIT, hexdump, output, parseAddress, parseCount, progressBar, resolveCookie, runCommand, withRam } from './common.js';
+import { CliUsageError, EXIT, output, parseAddress, parseCount, resolveCookie, runCommand } from './common.js';
+import { READ_MAX, SCAN_NEEDS_TO, readTarget, scanTarget, translateTarget } from './inspect-commands.js';
+import { LISTEN_ENV, listenOf, targetOptions, withTarget } from './target.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
 import { benchCommand } from './bench-command.js';
+import { registerYara } from './yara.js';
+import { registerLinuxCommands } from './linux.js';
+import { addLabCommand } from './lab.js';
 
 const EXIT_HELP = `
 Exit codes:
@@ -38,87 +41,57 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nExamples:\n  kvmmem demo\n  kvmmem demo --seed 7 --json')
     .action((o) => runCommand(() => runDemo(output(!!o.json), { seed: o.seed, memoryMiB: o.memory })));
 
-  program.command('scan')
-    .description('find a byte pattern in a guest RAM file through the full stack (model host attached to the file)')
-    .requiredOption('--ram <file>', 'guest RAM: a QEMU memory-backend-file (share=on) or a raw image')
+  targetOptions(program.command('scan')
+    .description('find a byte pattern in guest-physical memory: a guest RAM file (--ram, through the model) or a VM of a real deployment (--listen)'))
     .addOption(new Option('--pattern <text>', 'text to find (latin1 bytes)').conflicts('hex'))
     .addOption(new Option('--hex <hex>', 'bytes to find, in hex (e.g. 7f454c46)'))
     .option('--from <addr>', 'first gpa', parseAddress)
-    .option('--to <addr>', 'end gpa (exclusive; default the end of the file)', parseAddress)
+    .option('--to <addr>', 'end gpa (exclusive; default the end of the RAM file; required with --listen)', parseAddress)
     .option('--max <n>', 'stop after n matches', (v) => parseCount(v))
     .option('--json', 'one JSON document instead of text')
-    .addHelpText('after', '\nExamples:\n  kvmmem scan --ram /dev/shm/guest.ram --pattern "Linux version "\n  kvmmem scan --ram dump.raw --hex 7f454c46 --from 0x100000 --to 0x4000000 --json')
+    .addHelpText('after', '\nExamples:\n  kvmmem scan --ram /dev/shm/guest.ram --pattern "Linux version "\n  kvmmem scan --ram dump.raw --hex 7f454c46 --from 0x100000 --to 0x4000000 --json\n  KVMMEM_COOKIE=secret kvmmem scan --listen tcp:0.0.0.0:4444 --vm web-01 --to 0x40000000 --pattern "Linux version "')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
-      const needle = patternOf(o);
-      return withRam(o.ram, async (ram) => {
-        const to: bigint = o.to ?? ram.end;
-        const from: bigint = o.from ?? 0n;
-        if (to > ram.end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${o.ram} (${hex(ram.end)})`);
-        if (from >= to) throw new CliUsageError(`--from ${hex(from)} must be below --to ${hex(to)}`);
-        const bar = progressBar(out.json, Number(to - from), 'bytes');
-        const t0 = performance.now();
-        const r = await scan(ram.session, ram.vm, needle, {
-          from, to, ...(o.max === undefined ? {} : { maxMatches: o.max }),
-          onProgress: (p) => bar.update(p.done, `${p.matches} matches`),
-        });
-        bar.stop();
-        const ms = performance.now() - t0;
-        for (const m of r.matches) out.say(hex(m));
-        out.say(`${r.matches.length} match(es) in ${(r.scannedBytes / 2 ** 20).toFixed(1)} MiB, ${r.skippedPages} pages skipped, ${ms.toFixed(0)} ms`);
-        out.result({ ram: o.ram, from, to, matches: r.matches, scannedBytes: r.scannedBytes, skippedPages: r.skippedPages, ms });
-        return r.matches.length > 0 ? EXIT.OK : EXIT.FAILED;
-      });
+      const pattern = patternOf(o);
+      // Known before any device is opened or any VM waited for.
+      if (o.ram === undefined && o.to === undefined && listenOf(o) !== undefined) throw new CliUsageError(SCAN_NEEDS_TO);
+      return withTarget(o, (l) => out.say(l), (target) => scanTarget(out, target, { pattern, from: o.from, to: o.to, max: o.max }));
     }));
 
-  program.command('read')
-    .description('read guest-physical memory from a guest RAM file (xxd-style hex dump)')
-    .requiredOption('--ram <file>', 'guest RAM file')
+  registerYara(program);
+
+  targetOptions(program.command('read')
+    .description('read guest-physical memory (xxd-style hex dump) from a guest RAM file (--ram) or a VM of a real deployment (--listen)'))
     .requiredOption('--gpa <addr>', 'guest-physical address', parseAddress)
     .requiredOption('--len <n>', 'bytes to read', (v) => parseCount(v))
     .option('--json', 'one JSON document (bytes in hex)')
-    .addHelpText('after', '\nExamples:\n  kvmmem read --ram /dev/shm/guest.ram --gpa 0x1000000 --len 256')
+    .addHelpText('after', '\nExamples:\n  kvmmem read --ram /dev/shm/guest.ram --gpa 0x1000000 --len 256\n  kvmmem read --listen unix:/run/kvmi.sock --cookie-file /etc/kvmi.cookie --vm victim --gpa 0x1000 --len 64')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
-      if (o.len > 64 * 2 ** 20) throw new CliUsageError('--len is limited to 64 MiB per read');
-      await withRam(o.ram, async (ram) => {
-        if (o.gpa + BigInt(o.len) > ram.end) throw new CliUsageError(`[${hex(o.gpa)}, +${o.len}) reaches past the end of ${o.ram} (${hex(ram.end)})`);
-        // A RAM file that shrinks under the read: a typed error (sys/faults), not EFAULT or SIGBUS.
-        const watch = faults.watch(ram.vm.uuid);
-        if (!faults.guarded()) watch.verify('read');
-        const data = await ram.session.read(ram.vm, o.gpa, o.len).catch((e: unknown) => { watch.check('read'); throw e; });
-        watch.check('read');
-        out.say(hexdump(data, o.gpa));
-        out.result({ ram: o.ram, gpa: o.gpa, length: data.length, hex: data.toString('hex') });
-      });
+      if (o.len > READ_MAX) throw new CliUsageError('--len is limited to 64 MiB per read');
+      return withTarget(o, (l) => out.say(l), (target) => readTarget(out, target, { gpa: o.gpa, len: o.len }));
     }));
 
-  program.command('translate')
-    .description('walk x86-64 page tables in a guest RAM file: virtual address -> guest-physical address')
-    .requiredOption('--ram <file>', 'guest RAM file')
+  targetOptions(program.command('translate')
+    .description('walk x86-64 page tables (virtual address -> guest-physical address) in a guest RAM file (--ram) or a VM of a real deployment (--listen)'))
     .requiredOption('--cr3 <addr>', 'page-table root (CR3, e.g. from QEMU `info registers`)', parseAddress)
     .requiredOption('--va <addr>', 'virtual address', parseAddress)
     .option('--levels <n>', '4 or 5 (LA57)', (v) => { if (v !== '4' && v !== '5') throw new InvalidArgumentError('must be 4 or 5'); return Number(v) as 4 | 5; }, 4)
     .option('--json', 'one JSON document')
-    .addHelpText('after', '\nExamples:\n  kvmmem translate --ram /dev/shm/guest.ram --cr3 0x2a3c000 --va 0xffffffff81e00100')
+    .addHelpText('after', '\nExamples:\n  kvmmem translate --ram /dev/shm/guest.ram --cr3 0x2a3c000 --va 0xffffffff81e00100\n  KVMMEM_LISTEN=vsock:1234 KVMMEM_COOKIE=secret kvmmem translate --vm victim --cr3 0x2a3c000 --va 0xffffffff81e00100')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
-      await withRam(o.ram, async (ram) => {
-        using reader = new PhysicalReader(ram.session, ram.vm, { cachePages: 16 });
-        const tr = await new AddressSpace(reader, o.cr3, { levels: o.levels }).translate(o.va);
-        out.say(`${hex(o.va)} -> ${hex(tr.gpa)} (${tr.pageSize} byte page; entries ${tr.entries.map(hex).join(' ')})`);
-        out.result({ cr3: o.cr3, va: o.va, gpa: tr.gpa, pageSize: tr.pageSize, entries: tr.entries });
-      });
+      return withTarget(o, (l) => out.say(l), (target) => translateTarget(out, target, { cr3: o.cr3, va: o.va, levels: o.levels }));
     }));
 
   program.command('selftest')
     .description('conformance suite for a kvmmem deployment (real device + KVMI socket) or the built-in model')
     .option('--device <path>', 'the kvmmem device to test', '/dev/kvmmem')
-    .option('--listen <address>', 'where the tool listens for the device manager: unix:PATH or vsock:PORT')
+    .option('--listen <address>', `where the tool listens for the device manager: unix:PATH, vsock:PORT or tcp:HOST:PORT (default $${LISTEN_ENV})`)
     .addOption(new Option('--cookie <text>', 'KVMI cookie shared with the device manager (visible in ps: prefer --cookie-file or KVMMEM_COOKIE)').conflicts('cookieFile'))
     .option('--cookie-file <path>', 'read the KVMI cookie from a file (a trailing newline is dropped)')
     .option('--socket-mode <octal>', 'mode of the unix socket file', (v) => { if (!/^0?[0-7]{3}$/.test(v)) throw new InvalidArgumentError('must be an octal mode such as 600'); return parseInt(v, 8); }, 0o600)
-    .option('--allow-uid <uid...>', 'uids allowed to connect over unix (default: root and you)', (v, prev: number[] | undefined) => {
+    .option('--allow-uid <uid...>', 'uids allowed to connect over unix (default: root and you; not with tcp:)', (v, prev: number[] | undefined) => {
       if (!/^\d+$/.test(v)) throw new InvalidArgumentError(`'${v}' is not a uid`);
       return [...(prev ?? []), Number(v)];
     })
@@ -127,13 +100,15 @@ export function buildProgram(): Command {
     .addOption(new Option('--gpa <addr>', 'guest page to use (must be RAM)').argParser(parseAddress).default(0x100000n, '0x100000'))
     .option('--wait <seconds>', 'how long to wait for a VM to connect', (v) => parseCount(v), 60)
     .option('--json', 'one JSON document')
-    .addHelpText('after', `\nChecks:\n${SELFTEST_CHECKS.map((c) => `  ${c.name.padEnd(24)}${c.what}`).join('\n')}\n\nExamples:\n  kvmmem selftest --model\n  kvmmem selftest --device /dev/kvmmem --listen vsock:1234 --cookie-file /etc/kvmi.cookie\n  KVMMEM_COOKIE=secret kvmmem selftest --device /dev/kvmmem --listen unix:/run/kvmi.sock --gpa 0x200000`)
+    .addHelpText('after', `\nChecks:\n${SELFTEST_CHECKS.map((c) => `  ${c.name.padEnd(24)}${c.what}`).join('\n')}\n\nExamples:\n  kvmmem selftest --model\n  kvmmem selftest --device /dev/kvmmem --listen vsock:1234 --cookie-file /etc/kvmi.cookie\n  KVMMEM_COOKIE=secret kvmmem selftest --device /dev/kvmmem --listen unix:/run/kvmi.sock --gpa 0x200000\n  KVMMEM_COOKIE=secret kvmmem selftest --listen tcp:0.0.0.0:4444`)
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       let results: CheckResult[];
       let target: string;
       if (o.model) {
-        const lab = await ModelLab.start({ vms: [{ name: 'selftest', memory: 16 * 2 ** 20 }] });
+        const memory = 16 * 2 ** 20;
+        if (o.gpa >= BigInt(memory)) throw new CliUsageError(`selftest: --gpa ${hex(o.gpa)} is past the model VM's ${memory >> 20} MiB of RAM (give a gpa below ${hex(memory)})`);
+        const lab = await ModelLab.start({ vms: [{ name: 'selftest', memory }] });
         try {
           const mvm = lab.modelVm('selftest');
           mvm.memory.write(o.gpa, Buffer.from('kvmmem selftest page: guest data'));
@@ -147,16 +122,16 @@ export function buildProgram(): Command {
           await lab.close();
         }
       } else {
-        if (!o.listen) throw new CliUsageError('selftest: give --listen unix:PATH|vsock:PORT for a real device, or --model');
-        const address = parseListen(o.listen);
+        const address = listenOf(o);
+        if (address === undefined) throw new CliUsageError(`selftest: give --listen unix:PATH|vsock:PORT|tcp:HOST:PORT (or ${LISTEN_ENV}) for a real device, or --model`);
         const cookie = resolveCookie(o);
-        // Fail fast, before waiting for a VM, when there is no device or it is not kvmmem.
-        LinuxDevice.open(o.device).probe().close();
+        // Options the server refuses (allowUids with TCP) first, then the device: both before waiting for a VM.
         const server = await IntrospectionServer.listen(address, {
           cookie, mode: o.socketMode, ...(o.allowUid === undefined ? {} : { allowUids: o.allowUid }),
         });
         try {
-          out.say(`waiting up to ${o.wait} s for a device manager on ${o.listen} ...`);
+          LinuxDevice.open(o.device).probe().close();
+          out.say(`waiting up to ${o.wait} s for a device manager on ${formatAddress(server.address!)} ...`);
           const vm = await server.waitForVm({}, o.wait * 1000);
           target = `${o.device} with VM ${vm.name} (${vm.uuid})`;
           results = await runSelftest({ openDevice: () => LinuxDevice.open(o.device), vm, gpa: o.gpa });
@@ -172,16 +147,19 @@ export function buildProgram(): Command {
       return failed === 0 ? EXIT.OK : EXIT.FAILED;
     }));
 
+  registerLinuxCommands(program);
+
   program.command('bench')
     .description('benchmarks against their C / libkvmi / grep baselines, side by side; writes latest.json and BENCHMARKS.md into --out')
     .option('--quick', 'smaller sizes and fewer repetitions (under a minute)')
     .option('--json', 'one JSON document instead of the table')
-    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale')
+    .option('--only <groups>', 'comma-separated: ioctl,model,libkvmi,tokens,scan,scale,physical,yara,linux')
     .option('--out <dir>', 'where latest.json and BENCHMARKS.md go', 'kvmmem-bench')
     .option('--no-write', 'do not write latest.json and BENCHMARKS.md')
     .addHelpText('after', '\nExamples:\n  kvmmem bench --quick\n  kvmmem bench --only ioctl,tokens --out /tmp/bench\n  kvmmem bench --json --no-write > results.json')
     .action((o) => runCommand(() => benchCommand(o)));
 
+  addLabCommand(program);
   return program;
 }
 
@@ -199,13 +177,6 @@ function patternOf(o: { pattern?: string; hex?: string }): string | Buffer {
     return Buffer.from(h, 'hex');
   }
   throw new CliUsageError('scan: give --pattern TEXT or --hex HEX');
-}
-
-function parseListen(v: string): { unix: string } | { vsock: number } {
-  const m = /^(unix|vsock):(.+)$/.exec(v);
-  if (m?.[1] === 'unix') return { unix: m[2]! };
-  if (m?.[1] === 'vsock' && /^\d+$/.test(m[2]!)) return { vsock: Number(m[2]) };
-  throw new CliUsageError(`--listen '${v}': expected unix:PATH or vsock:PORT`);
 }
 
 /** Runs the CLI; resolves with the exit code (commander's own errors become exit 2). */

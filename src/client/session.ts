@@ -131,6 +131,13 @@ export function validateSessionOptions(options: SessionOptions): Required<Sessio
   return o;
 }
 
+/**
+ * Whose pages a #mapItems call maps: one range's (its record says whether it
+ * is still wanted and collects what is mapped), or a single page (still
+ * wanted while `alive` says so).
+ */
+type MapOwner = { kind: 'range'; rec: RangeRecord } | { kind: 'page'; alive: (vm: TargetVm) => boolean };
+
 /** One #mapItems call: what it maps, and the state of every item. */
 interface MapJob {
   readonly vm: TargetVm;
@@ -158,6 +165,18 @@ interface Batch {
   readonly chunk: Int32Array;
   readonly got: Promise<(Uint8Array | Error)[]>;
   grant: number;
+  /** Tokens of this VM that other batches of ours held when this one got its turn. */
+  readonly others: number;
+}
+
+/** Names the page item i of a job failed at: `gpa` on the error, and at the head of its message. */
+function failedAt<E extends Error>(e: E, job: MapJob, i: number): E {
+  if (e instanceof KvmmemError && e.gpa === undefined) {
+    const gpa = job.gpa0 + BigInt(i * PAGE_SIZE);
+    Object.defineProperty(e, 'gpa', { value: gpa, enumerable: true });
+    e.message = `gpa ${hex(gpa)} of vm ${job.vm.name}: ${e.message}`;
+  }
+  return e;
 }
 
 function giveBack(job: MapJob, b: Batch): void {
@@ -215,7 +234,7 @@ export class Session {
     const idx = this.#index(vm);
     const lease = localMemory.takePage();
     try {
-      await this.#mapItems(vm, base, lease.address, 1, this.#pageAlive);
+      await this.#mapItems(vm, base, lease.address, 1, { kind: 'page', alive: this.#pageAlive });
     } catch (e) {
       localMemory.release(lease); // never viewed: reusable at once
       throw e;
@@ -264,6 +283,44 @@ export class Session {
     }
   }
 
+  /**
+   * Reads guest memory at `gpa` into `target` as far as it can be read, as
+   * LibVMI's `bytes_read`: resolves to how many bytes were copied (from the
+   * start, up to the first page that could not be mapped) and that page's
+   * error (its `gpa` set), or null when all of `target` was filled. Never
+   * rejects for an unreadable page; bad arguments still throw.
+   */
+  async readInto(vm: TargetVm, gpa: AddressLike, target: Uint8Array): Promise<{ bytesRead: number; error: KvmmemError | null }> {
+    assertTargetVm(vm, 'readInto');
+    const start = toAddress(gpa, 'gpa');
+    if (!(target instanceof Uint8Array)) throw new UsageError(`readInto: target must be a Buffer or Uint8Array, got ${target === null ? 'null' : typeof target}`);
+    checkLength('readInto', start, target.length, true);
+    let want = target.length;
+    let error: KvmmemError | null = null;
+    // Map it all; on a failure at page p, read up to p (which may fail lower down: go again).
+    while (want > 0) {
+      try {
+        const rec = await this.#mapRangeRecord(vm, start, want);
+        try {
+          const off = pageOffset(start);
+          target.set(localMemory.internalView(rec.lease).subarray(off, off + want));
+        } finally {
+          this._unmapRange(rec, 'unmapped');
+        }
+        return { bytesRead: want, error };
+      } catch (e) {
+        if (!(e instanceof KvmmemError)) throw e;
+        error = e;
+        const at = e.gpa;
+        if (at === undefined || at <= start) return { bytesRead: 0, error };
+        const upTo = Number(at - start);
+        if (upTo >= want) return { bytesRead: 0, error };
+        want = upTo;
+      }
+    }
+    return { bytesRead: 0, error };
+  }
+
   /** Writes `data` (a Buffer or any Uint8Array; not a string) into guest memory at `gpa` (any alignment, page crossings handled). */
   async write(vm: TargetVm, gpa: AddressLike, data: Uint8Array): Promise<void> {
     assertTargetVm(vm, 'write');
@@ -294,7 +351,7 @@ export class Session {
     this.#ranges.add(rec);
     idx.ranges.add(rec);
     try {
-      await this.#mapItems(vm, first, lease.address, pages, rec);
+      await this.#mapItems(vm, first, lease.address, pages, { kind: 'range', rec });
     } catch (e) {
       if (rec.dead === null && !this.#closed) this._unmapRange(rec, 'unmapped');
       else this.#forgetRange(rec);
@@ -349,6 +406,7 @@ export class Session {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
     const r = this.#unmapOne(rec.lease.address);
+    if (debug.enabled) debug('unmap vm=%s gpa=%s (%s)%s', rec.vm.name, hex(rec.gpa), why, r < 0 ? ` -> errno ${-r}` : '');
     rec.dead = why;
     this.#pages.delete(rec.lease.address);
     this.#byVm.get(rec.vm)?.pages.delete(rec);
@@ -361,6 +419,7 @@ export class Session {
   _unmapRange(rec: RangeRecord, why: Why): void {
     if (rec.dead) return;
     if (this.#closed) throw new ClosedError('session');
+    if (debug.enabled) debug('unmap vm=%s gpa=%s pages=%d (%s)', rec.vm.name, hex(rec.gpa), rec.live, why);
     let firstError = 0;
     if (rec.live > 0) {
       const { values, results } = this.#unmapScratch(rec.live);
@@ -455,21 +514,22 @@ export class Session {
    * again (single pages here; a range through its record) and a typed error is
    * thrown.
    */
-  async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, target: RangeRecord | ((vm: TargetVm) => boolean)): Promise<void> {
-    const range = typeof target === 'function' ? null : target;
+  async #mapItems(vm: TargetVm, gpa0: bigint, addr0: number, count: number, owner: MapOwner): Promise<void> {
+    const range = owner.kind === 'range' ? owner.rec : null;
     const job: MapJob = {
       vm, gpa0, addr0, count, range,
-      alive: range === null ? target as (vm: TargetVm) => boolean : () => range.dead === null,
+      alive: owner.kind === 'page' ? owner.alive : () => owner.rec.dead === null,
       // gpa of page i = gpaHi * 2^32 + gpaLo + i * PAGE_SIZE, in exact numbers (no bigint per page)
       gpaHi: Number(gpa0 / BigInt(TWO32)),
       gpaLo: Number(gpa0 % BigInt(TWO32)),
       tries: new Uint32Array(count),
       flags: new Uint8Array(count),
       t0: Date.now(),
-      budget: this.options.maxTokensInFlight,
+      budget: 0,
       share: this.#index(vm).share,
       lastTransient: null,
     };
+    job.budget = job.share.budgetFor(this.options.maxTokensInFlight);
     let pending = new Int32Array(count);
     for (let i = 0; i < count; i++) pending[i] = i;
     let delay = 1;
@@ -525,9 +585,11 @@ export class Session {
         this.#aliveOrThrow(job.vm, job.alive);
         const n = this.#encodeRecords(job, batch.chunk, got, retry, pass);
         if (n < batch.chunk.length && job.budget > 1) {
-          // Over the host's limit (someone else holds tokens of this VM too): shrink, and
-          // stop issuing in this pass (what is in flight is still used; the rest goes round again).
-          job.budget = Math.max(1, n);
+          // Over the host's limit (or someone else holds tokens of this VM too): shrink to the
+          // limit measured, and stop issuing in this pass (what is in flight is still used; the
+          // rest goes round again).
+          const limit = job.share.refused(batch.others, n, batch.chunk.length, this.options.maxTokensInFlight);
+          job.budget = Math.max(1, Math.min(job.budget, Number.isFinite(limit) ? limit : n));
           for (let k = off; k < pending.length; k++) retry.push(pending[k]!);
           off = pending.length;
         }
@@ -552,13 +614,15 @@ export class Session {
 
   /** Waits for the batch's turn in the VM's budget, then asks for its tokens (one write, pipelined replies). */
   #requestTokens(job: MapJob, chunk: Int32Array): Batch {
+    let others = 0;
     // A TargetVm that throws instead of rejecting lands in the same rejection.
-    const got = job.share.acquire(chunk.length).then(() => {
+    const got = job.share.acquire(chunk.length).then((held) => {
+      others = held;
       this.#aliveOrThrow(job.vm, job.alive);
       return job.vm.getMapTokensSettled(chunk.length);
     });
     got.catch(noop); // awaited by the pass; never an unhandled rejection if it throws first
-    return { chunk, got, grant: chunk.length };
+    return { chunk, got, grant: chunk.length, get others() { return others; } };
   }
 
   /**
@@ -631,8 +695,8 @@ export class Session {
         retry.push(i);
       } else {
         fatal ??= (r === -ERRNO.EAGAIN || r === -ERRNO.EBUSY)
-          ? new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, job.tries[i]!, Date.now() - job.t0, this.device.error(KVM_INTRO_MEM_MAP, r))
-          : job.vm.state !== 'connected' ? vmGoneError(job.vm) : this.device.error(KVM_INTRO_MEM_MAP, r);
+          ? failedAt(new RetryExhaustedError(r === -ERRNO.EAGAIN ? 'EAGAIN' : 'EBUSY', r, job.tries[i]!, Date.now() - job.t0, this.device.error(KVM_INTRO_MEM_MAP, r)), job, i)
+          : job.vm.state !== 'connected' ? vmGoneError(job.vm) : failedAt(this.device.error(KVM_INTRO_MEM_MAP, r), job, i);
       }
     }
     this.#stats.maps += mapped;
@@ -757,6 +821,11 @@ export class MappedPage extends Mapping {
     this.live();
     // Made on first use: a page whose buffer was never asked for has no view to wait for.
     return (this.#view ??= localMemory.view(this.#rec.lease, unmapWhenCollected(this.#ref, this.#rec)));
+  }
+  /** @internal The whole page, live, for code of this library that keeps no reference (scan): see MappedRange._peek(). */
+  _peek(): Buffer {
+    this.live();
+    return localMemory.internalView(this.#rec.lease);
   }
 
   /** Copies bytes out of the page. */

@@ -9,7 +9,12 @@
  *   in arrival order, each batch waiting until its tokens fit the budget, so N
  *   sessions together run about as fast as one doing all their work.
  */
+import { debuglog } from 'node:util';
 import type { TargetVm } from './target.js';
+
+const debug = debuglog('kvmmem');
+/** Every this many jobs one asks for its full maxTokensInFlight again (the limit may have been another process's tokens). */
+const REPROBE_EVERY = 256;
 
 type EndListener = () => void;
 
@@ -23,7 +28,10 @@ class VmShare {
   /** Largest batch any session of this VM asks for: the budget's size. */
   #capacity = 1;
   #outstanding = 0;
-  readonly #waiters: { n: number; go: () => void }[] = [];
+  /** Outstanding tokens past which the host refused (EAGAIN) with nobody else of ours holding them: its limit. */
+  #hostLimit = Infinity;
+  #jobs = 0;
+  readonly #waiters: { n: number; go: (others: number) => void }[] = [];
 
   constructor(vm: TargetVm) {
     this.#vm = vm;
@@ -50,12 +58,36 @@ class VmShare {
     this.#vm.off('gone', this.#onEnd);
   }
 
-  /** Waits until n more tokens fit the budget (first come, first served), then counts them out. */
-  acquire(n: number): Promise<void> {
+  /**
+   * The batch size a new job starts with: maxTokensInFlight, clamped to the
+   * host's limit once one was seen (a v6 host hands out 8: asking for 256 only
+   * costs refused requests and round trips).
+   */
+  budgetFor(maxTokens: number): number {
+    if (++this.#jobs % REPROBE_EVERY === 0) return maxTokens;
+    return Math.min(maxTokens, this.#hostLimit);
+  }
+
+  /**
+   * A batch of `requested` got `granted` tokens, the rest refused with EAGAIN.
+   * Only a batch that had the budget to itself (`others` = 0 of ours
+   * outstanding) measures the host's limit; returns the limit known now.
+   */
+  refused(others: number, granted: number, requested: number, maxTokens: number): number {
+    if (granted < requested && others === 0 && Math.max(1, granted) < this.#hostLimit) {
+      this.#hostLimit = Math.max(1, granted);
+      debug('vm %s: the host refuses tokens past %d outstanding: batches clamped to %d (maxTokensInFlight %d)', this.#vm.name, this.#hostLimit, this.#hostLimit, maxTokens);
+    }
+    return this.#hostLimit;
+  }
+
+  /** Waits until n more tokens fit the budget (first come, first served), then counts them out; resolves to how many of ours others held then. */
+  acquire(n: number): Promise<number> {
     const want = Math.min(n, this.#capacity);
     if (this.#waiters.length === 0 && this.#outstanding + want <= this.#capacity) {
+      const others = this.#outstanding;
       this.#outstanding += want;
-      return Promise.resolve();
+      return Promise.resolve(others);
     }
     return new Promise((go) => {
       this.#waiters.push({ n: want, go });
@@ -72,16 +104,18 @@ class VmShare {
   #pump(): void {
     while (this.#waiters.length > 0 && this.#outstanding + this.#waiters[0]!.n <= this.#capacity) {
       const w = this.#waiters.shift()!;
+      const others = this.#outstanding;
       this.#outstanding += w.n;
-      w.go();
+      w.go(others);
     }
   }
 
   /** The VM is ending: every waiter goes on, finds it gone and throws. */
   #wakeAll(): void {
     for (const w of this.#waiters.splice(0)) {
+      const others = this.#outstanding;
       this.#outstanding += w.n;
-      w.go();
+      w.go(others);
     }
   }
 }

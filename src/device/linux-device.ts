@@ -4,8 +4,9 @@
  * UNMAP the page address as the argument *value*.
  */
 import * as libc from '../sys/libc.js';
-import { KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
-import { ClosedError, KvmmemError, NoDeviceError, SyscallError } from '../errors.js';
+import { KVM_GUEST_MEM_UNMAP_V2, KVM_INTRO_MEM_UNMAP, ioctlName } from '../abi/ioctl.js';
+import { ERRNO } from '../abi/errno.js';
+import { ClosedError, KvmmemError, KvmmemV2DeviceError, NoDeviceError, SyscallError, UsageError } from '../errors.js';
 import { deviceError } from './hints.js';
 import { ioctlBatchByOne, type Device, type IoctlArg } from './device.js';
 
@@ -40,15 +41,16 @@ export class LinuxDevice implements Device {
   /**
    * Checks that the file is a kvmmem device without changing anything:
    * UNMAP of address 0 is ENOENT on the driver (nothing is mapped there) and
-   * ENOTTY on anything else, which throws NotKvmmemDeviceError.
+   * ENOTTY on anything else, which throws NotKvmmemDeviceError, or
+   * KvmmemV2DeviceError when the file answers libkvmi's v2 UNMAP instead
+   * (libkvmi's own probe: anything but ENOTTY there is v2).
    */
   probe(): this {
-    try {
-      this.ioctl(KVM_INTRO_MEM_UNMAP, 0);
-    } catch (e) {
-      if (e instanceof KvmmemError && e.code === 'ENOENT') return this;
-      throw e;
-    }
+    if (this.#fd < 0) throw new ClosedError(`device ${this.path}`, 'ioctl');
+    const r = libc.ioctlRaw(this.#fd, KVM_INTRO_MEM_UNMAP, 0);
+    const kind = classifyProbe(r, () => libc.ioctlRaw(this.#fd, KVM_GUEST_MEM_UNMAP_V2, 0));
+    if (kind === 'v2') throw new KvmmemV2DeviceError(this.path);
+    if (kind === 'other') throw this.error(KVM_INTRO_MEM_UNMAP, r);
     return this;
   }
 
@@ -69,8 +71,8 @@ export class LinuxDevice implements Device {
     checkBatch(args, stride, count, results);
     if (libc.batchAvailable()) {
       return stride > 0
-        ? libc.ioctlManyPtr(this.#fd, request, args, stride, count, results)
-        : libc.ioctlManyVal(this.#fd, request, args, count, results);
+        ? libc.ioctlManyPtrRaw(this.#fd, request, args, stride, count, results)
+        : libc.ioctlManyValRaw(this.#fd, request, args, count, results);
     }
     return ioctlBatchByOne((req, a) => libc.ioctlRaw(this.#fd, req, a), request, args, stride, count, results);
   }
@@ -91,6 +93,17 @@ export class LinuxDevice implements Device {
 export function checkBatch(args: Uint8Array, stride: number, count: number, results: Int32Array): void {
   const need = stride > 0 ? stride * count : 8 * count;
   if (!Number.isInteger(count) || count < 0 || args.byteLength < need || results.length < count) {
-    throw new RangeError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
+    throw new UsageError(`ioctlBatch: ${count} records need ${need} argument bytes (got ${args.byteLength}) and ${count} result slots (got ${results.length})`);
   }
+}
+
+/**
+ * @internal What a probe's answers say: v1 UNMAP(0) is ENOENT (or 0) on the
+ * v1 driver; when it is ENOTTY, the v2 UNMAP(0) tells libkvmi's v2 device
+ * (anything but ENOTTY) from a file that is no kvmmem at all.
+ */
+export function classifyProbe(v1Unmap: number, v2Unmap: () => number): 'v1' | 'v2' | 'other' {
+  if (v1Unmap === -ERRNO.ENOENT || v1Unmap >= 0) return 'v1';
+  if (v1Unmap !== -ERRNO.ENOTTY) return 'other';
+  return v2Unmap() !== -ERRNO.ENOTTY ? 'v2' : 'other';
 }

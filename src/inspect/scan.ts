@@ -54,6 +54,8 @@ export interface ScanOptions {
   signal?: AbortSignal;
   /** Stop after this many matches. */
   maxMatches?: number;
+  /** Called with each match's gpa as it is found (before the scan ends). */
+  onMatch?: (gpa: bigint) => void;
 }
 
 export interface ScanResult {
@@ -73,7 +75,7 @@ function isHoleError(e: unknown): boolean {
 }
 
 /** Searches for a fixed byte string, or a regex, across a stream of contiguous segments. */
-interface Matcher {
+export interface Matcher {
   /** Feeds the next segment at `gpa`; `contiguous`: it directly follows the previous one. */
   feed(buf: Buffer, gpa: bigint, contiguous: boolean): void;
   /** End of a contiguous stretch (hole or end of the scan). */
@@ -210,39 +212,38 @@ function compilePattern(pattern: ScanPattern, found: (gpa: bigint) => boolean): 
   throw new UsageError('scan: pattern must be a Uint8Array/Buffer, a string, or { regex: RegExp, maxLength: number }');
 }
 
-const onProgressOrSignalBad = (o: ScanOptions): boolean =>
-  (o.onProgress !== undefined && typeof o.onProgress !== 'function') || (o.signal !== undefined && !(o.signal instanceof AbortSignal));
+/** What walkRange() needs besides the session: checked range, chunking, cancellation. */
+export interface WalkOptions {
+  from: bigint;
+  to: bigint;
+  chunkPages: number;
+  signal?: AbortSignal;
+  /** After every chunk: bytes of [from, to) dealt with so far. */
+  onChunk?: (done: number) => void;
+  /** True once the consumer has seen enough (maxMatches). */
+  stopped: () => boolean;
+}
 
-/** Search [from, to) of `vm`'s guest-physical memory for `pattern`. */
-export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern, opts: ScanOptions): Promise<ScanResult> {
-  if (opts === undefined || opts.to === undefined) throw new UsageError('scan: { to } is required (one past the last gpa to search)');
-  if (!(session instanceof Session)) throw new UsageError('scan: session must be a Session (from KvmMem.open() or lab.open())');
-  assertTargetVm(vm, 'scan');
-  const from = toAddress(opts.from ?? 0n, 'from');
-  const to = toAddress(opts.to, 'to');
-  if (from > to) throw new UsageError(`scan: from ${hex(from)} is past to ${hex(to)}`, 'give from <= to (to is one past the last gpa to search)');
-  if (onProgressOrSignalBad(opts)) throw new UsageError('scan: onProgress must be a function and signal an AbortSignal');
-  const chunkPages = opts.chunkPages ?? 256;
-  if (!Number.isSafeInteger(chunkPages) || chunkPages < 1) throw new UsageError(`scan: chunkPages must be a positive integer, got ${chunkPages}`);
-  const maxMatches = opts.maxMatches ?? Infinity;
-  if (!(maxMatches >= 0)) throw new UsageError(`scan: maxMatches must be >= 0, got ${maxMatches}`);
-  const { signal, onProgress } = opts;
-  const total = to > from ? Number(to - from) : 0;
+export interface WalkResult {
+  scannedBytes: number;
+  skippedPages: number;
+}
 
-  const matches: bigint[] = [];
-  let stopped = maxMatches === 0;
-  const matcher = compilePattern(pattern, (gpa) => {
-    matches.push(gpa);
-    if (matches.length >= maxMatches) stopped = true;
-    return !stopped;
-  });
+/**
+ * @internal The chunk loop shared by scan() and yaraScan(): maps [from, to) a
+ * chunk at a time (the next one requested before the current one is fed),
+ * feeds each mapped segment to `matcher` in place and unmaps it, retries a
+ * chunk in a hole page by page (holes break contiguity), and holds nothing
+ * mapped when it returns or throws (AbortError on `signal`).
+ */
+export async function walkRange(session: Session, vm: TargetVm, fn: string, o: WalkOptions, matcher: Matcher): Promise<WalkResult> {
+  const { from, to, chunkPages, signal, onChunk, stopped } = o;
   let scannedBytes = 0;
   let skippedPages = 0;
   let done = 0;
   let prevEnd = -1n; // end gpa of the last segment fed (contiguity)
-  const result = (): ScanResult => ({ matches, scannedBytes, skippedPages });
-  if (total === 0 || stopped) return result();
-  if (signal?.aborted) throw new AbortError('scan', signal.reason);
+  if (to <= from || stopped()) return { scannedBytes, skippedPages };
+  if (signal?.aborted) throw new AbortError(fn, signal.reason);
 
   const chunkBytes = BigInt(chunkPages) * PS;
   const firstChunk = pageBase(from);
@@ -261,6 +262,11 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
     prevEnd = gpa + BigInt(buf.length);
     scannedBytes += buf.length;
   };
+  const hole = () => {
+    skippedPages++;
+    matcher.flush();
+    prevEnd = -1n;
+  };
   const aborted = () => signal?.aborted === true;
   // Faults of this VM's RAM: checked after every chunk (and an fstat before it without the SIGBUS guard).
   const watch = faults.watch(vm.uuid);
@@ -270,7 +276,7 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
   let held: MappedRange | null = null;
   let cancelled = false;
   try {
-    for (let i = 0; i < chunks && !stopped; i++) {
+    for (let i = 0; i < chunks && !stopped(); i++) {
       const cur: Mapped = await next!;
       next = null;
       if (cur.ok) held = cur.range;
@@ -279,19 +285,19 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
       if (cur.ok) {
         // Ask for the next chunk first: its token round trips overlap this search.
         if (i + 1 < chunks) next = mapChunk(i + 1);
-        if (verify) watch.verify('scan');
-        feed(cur.range._peek(), s); // the matchers copy what they keep: no view leaves the scan
-        watch.check('scan');
+        if (verify) watch.verify(fn);
+        feed(cur.range._peek(), s); // the matchers copy what they keep: no view leaves the walk
+        watch.check(fn);
         cur.range.unmap();
         held = null;
       } else if (isHoleError(cur.error)) {
-        watch.check('scan'); // EFAULT because the RAM file shrank is no hole
+        watch.check(fn); // EFAULT because the RAM file shrank is no hole
         // Page by page, one token batch of single-page maps at a time (a group in a hole
         // costs one round trip); never more maps in flight than the host lets us have tokens.
         const group = Math.max(1, session.options.maxTokensInFlight);
         const first = pageBase(s);
         const pages = Number((e - first + PS - 1n) / PS);
-        for (let k = 0; k < pages && !stopped; k += group) {
+        for (let k = 0; k < pages && !stopped(); k += group) {
           if (aborted()) { cancelled = true; break; }
           const n = Math.min(group, pages - k);
           const settled = await Promise.allSettled(Array.from({ length: n }, (_, j) => session.map(vm, first + BigInt(k + j) * PS)));
@@ -301,45 +307,35 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
               const r = settled[j]!;
               let page = got[j];
               if (r.status === 'rejected') {
-                if (isHoleError(r.reason)) {
-                  skippedPages++;
-                  matcher.flush();
-                  prevEnd = -1n;
-                  continue;
-                }
+                if (isHoleError(r.reason)) { hole(); continue; }
                 // Anything else (EAGAIN: someone else holds tokens of this VM too): once more, alone.
                 page = got[j] = await session.map(vm, first + BigInt(k + j) * PS).catch((err: unknown) => {
                   if (isHoleError(err)) return undefined;
                   throw err;
                 });
-                if (page === undefined) {
-                  skippedPages++;
-                  matcher.flush();
-                  prevEnd = -1n;
-                  continue;
-                }
+                if (page === undefined) { hole(); continue; }
               }
-              if (stopped) continue;
-              const p = page!.gpa;
+              if (stopped()) continue;
+              const p = page!.pageGpa;
               const ps = p < s ? s : p;
               const pe = p + PS > e ? e : p + PS;
-              if (verify) watch.verify('scan');
-              feed(page!.buffer.subarray(Number(ps - p), Number(pe - p)), ps);
+              if (verify) watch.verify(fn);
+              feed(page!._peek().subarray(Number(ps - p), Number(pe - p)), ps);
             }
-            watch.check('scan');
+            watch.check(fn);
           } finally {
             for (const page of got) page?.[Symbol.dispose]();
           }
         }
         if (cancelled) break;
-        if (i + 1 < chunks && !stopped) next = mapChunk(i + 1);
+        if (i + 1 < chunks && !stopped()) next = mapChunk(i + 1);
       } else {
         throw cur.error;
       }
       done += Number(e - s);
-      onProgress?.({ done, total, matches: matches.length });
+      onChunk?.(done);
     }
-    if (!stopped && !cancelled) matcher.flush();
+    if (!stopped() && !cancelled) matcher.flush();
   } finally {
     held?.[Symbol.dispose]();
     if (next !== null) {
@@ -347,7 +343,46 @@ export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern,
       if (pending.ok) pending.range[Symbol.dispose]();
     }
   }
-  if (cancelled) throw new AbortError('scan', signal!.reason);
+  if (cancelled) throw new AbortError(fn, signal!.reason);
+  return { scannedBytes, skippedPages };
+}
+
+/** @internal Checks the options scan() and yaraScan() share; returns the range and chunking. */
+export function walkOptions(session: Session, vm: TargetVm, fn: string, opts: { from?: AddressLike; to: AddressLike; chunkPages?: number; onProgress?: unknown; signal?: unknown; maxMatches?: number } | undefined): { from: bigint; to: bigint; chunkPages: number; maxMatches: number } {
+  if (opts === undefined || opts.to === undefined) throw new UsageError(`${fn}: { to } is required (one past the last gpa to search)`);
+  if (!(session instanceof Session)) throw new UsageError(`${fn}: session must be a Session (from KvmMem.open() or lab.open())`);
+  assertTargetVm(vm, fn);
+  const from = toAddress(opts.from ?? 0n, 'from');
+  const to = toAddress(opts.to, 'to');
+  if (from > to) throw new UsageError(`${fn}: from ${hex(from)} is past to ${hex(to)}`, 'give from <= to (to is one past the last gpa to search)');
+  if ((opts.onProgress !== undefined && typeof opts.onProgress !== 'function') || (opts.signal !== undefined && !(opts.signal instanceof AbortSignal))) {
+    throw new UsageError(`${fn}: onProgress must be a function and signal an AbortSignal`);
+  }
+  const chunkPages = opts.chunkPages ?? 256;
+  if (!Number.isSafeInteger(chunkPages) || chunkPages < 1) throw new UsageError(`${fn}: chunkPages must be a positive integer, got ${chunkPages}`);
+  const maxMatches = opts.maxMatches ?? Infinity;
+  if (!(maxMatches >= 0)) throw new UsageError(`${fn}: maxMatches must be >= 0, got ${maxMatches}`);
+  return { from, to, chunkPages, maxMatches };
+}
+
+/** Search [from, to) of `vm`'s guest-physical memory for `pattern`. */
+export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern, opts: ScanOptions): Promise<ScanResult> {
+  const { from, to, chunkPages, maxMatches } = walkOptions(session, vm, 'scan', opts);
+  const { signal, onProgress, onMatch } = opts;
+  if (onMatch !== undefined && typeof onMatch !== 'function') throw new UsageError('scan: onMatch must be a function');
+  const total = to > from ? Number(to - from) : 0;
+  const matches: bigint[] = [];
+  let stopped = maxMatches === 0;
+  const matcher = compilePattern(pattern, (gpa) => {
+    if (matches.length < maxMatches) onMatch?.(gpa);
+    matches.push(gpa);
+    if (matches.length >= maxMatches) stopped = true;
+    return !stopped;
+  });
+  const r = await walkRange(session, vm, 'scan', {
+    from, to, chunkPages, signal, stopped: () => stopped,
+    onChunk: onProgress && ((done) => onProgress({ done, total, matches: matches.length })),
+  }, matcher);
   if (matches.length > maxMatches) matches.length = maxMatches;
-  return result();
+  return { matches, ...r };
 }

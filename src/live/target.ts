@@ -21,6 +21,8 @@ export interface Truth {
   kernelCode: bigint;
   /** Kernel symbols from /proc/kallsyms (kptr_restrict=0), e.g. _text, linux_banner, init_uts_ns, jiffies_64, init_task. */
   symbols: Map<string, bigint>;
+  /** Every other `KVMMEM-TRUTH <key> <value>` line, in console order (e.g. from a /kvmmem-truth.sh hook). */
+  extra: { key: string; value: string }[];
 }
 
 export interface LiveTarget {
@@ -59,6 +61,12 @@ export interface BootOptions {
   memMb?: number;
   /** How long to wait for the guest's `KVMMEM-TRUTH ready` line (default 60000). */
   timeoutMs?: number;
+  /** gzip'ed newc cpio archives appended to the provisioned initramfs (later files win), e.g. a /kvmmem-truth.sh hook. */
+  extraInitrd?: string[];
+  /** QEMU -cpu model (default QEMU's own; 'max' gives LA57, i.e. 5-level paging). */
+  cpu?: string;
+  /** Extra kernel command-line words (e.g. 'nokaslr'). */
+  append?: string;
 }
 
 /** The command that provisions the live target (run from the repository root). */
@@ -116,6 +124,7 @@ export function parseTruth(consoleText: string): Truth {
   let banner: string | undefined;
   let kernelCode: bigint | undefined;
   const symbols = new Map<string, bigint>();
+  const extra: { key: string; value: string }[] = [];
   for (const raw of consoleText.split('\n')) {
     const line = raw.replace(/\r/g, '');
     const at = line.indexOf('KVMMEM-TRUTH ');
@@ -132,13 +141,15 @@ export function parseTruth(consoleText: string): Truth {
     } else if (key === 'sym') {
       const m = /^(\S+)\s+(?:0x)?([0-9a-fA-F]+)\s*$/.exec(val);
       if (m && !symbols.has(m[1]!)) symbols.set(m[1]!, BigInt('0x' + m[2]));
+    } else if (key !== 'ready') {
+      extra.push({ key, value: val });
     }
   }
   if (banner === undefined || !banner.startsWith('Linux version')) throw new Error('truth: no banner line');
   if (kernelCode === undefined) throw new Error('truth: no kernel_code line');
   if (!symbols.has('_text')) throw new Error('truth: no _text symbol');
   if (symbols.get('_text') === 0n) throw new Error('truth: kallsyms addresses are zero (kptr_restrict?)');
-  return { banner, kernelCode, symbols };
+  return { banner, kernelCode, symbols, extra };
 }
 
 // ---------------------------------------------------------------- QMP
@@ -265,7 +276,7 @@ class QmpClient {
 
 interface Running {
   child: ChildProcess;
-  ramPath: string;
+  /** Removed when the process is cleaned up (RAM file, sockets, logs). */
   files: string[];
 }
 const running = new Set<Running>();
@@ -277,7 +288,7 @@ function cleanupSync(r: Running): void {
   } catch {
     /* already gone */
   }
-  for (const f of [r.ramPath, ...r.files]) {
+  for (const f of r.files) {
     try {
       fs.rmSync(f, { force: true });
     } catch {
@@ -293,6 +304,158 @@ function installExitHook(): void {
     for (const r of running) cleanupSync(r);
     running.clear();
   });
+}
+
+/** A child process this module spawned and cleans up after (see spawnTracked). */
+export interface TrackedChild {
+  child: ChildProcess;
+  /** The child's pid (the program itself, or the setpriv wrapper that exec'd it: the same process). */
+  pid: number;
+  /** True once the process has exited (or could not be spawned). */
+  exited(): boolean;
+  /** "code N" / "signal S" / the spawn error, for messages. */
+  exitDescription(): string;
+  /** SIGTERM, then SIGKILL after `graceMs`; waits for the exit and removes `files`. Idempotent. */
+  stop(graceMs?: number): Promise<void>;
+}
+
+/**
+ * Spawn a long-running helper (QEMU, virtiofsd) the way the live target runs
+ * QEMU: stdout and stderr into `logPath`, under `setpriv --pdeathsig KILL`
+ * when available so it dies with this process, unref'd, and killed with its
+ * `files` removed by a process 'exit' hook if nobody stopped it.
+ */
+export function spawnTracked(program: string, args: string[], opts: { logPath: string; files: string[]; env?: NodeJS.ProcessEnv }): TrackedChild {
+  const setpriv = findOnPath('setpriv');
+  const [cmd, argv] = setpriv ? [setpriv, ['--pdeathsig', 'KILL', '--', program, ...args]] : [program, args];
+  installExitHook();
+  const logFd = fs.openSync(opts.logPath, 'w');
+  let child: ChildProcess;
+  try {
+    child = spawn(cmd, argv, { stdio: ['ignore', logFd, logFd], ...(opts.env ? { env: opts.env } : {}) });
+  } finally {
+    fs.closeSync(logFd);
+  }
+  const rec: Running = { child, files: [...opts.files, opts.logPath] };
+  running.add(rec);
+  child.unref(); // a forgotten helper must not hang the process; the exit hook kills it
+  let spawnError: Error | null = null;
+  child.on('error', (e) => {
+    spawnError = e;
+  });
+  let stopping: Promise<void> | null = null;
+  const exited = () => spawnError !== null || child.exitCode !== null || child.signalCode !== null;
+  return {
+    child,
+    pid: child.pid ?? -1,
+    exited,
+    exitDescription: () => (spawnError ? String(spawnError) : `code ${child.exitCode} signal ${child.signalCode}`),
+    stop(graceMs = 5000) {
+      stopping ??= (async () => {
+        if (!exited() && child.pid !== undefined) {
+          try {
+            child.kill('SIGTERM');
+          } catch {
+            /* gone */
+          }
+          if (!(await waitExit(child, graceMs))) {
+            try {
+              child.kill('SIGKILL');
+            } catch {
+              /* gone */
+            }
+            await waitExit(child, 5000);
+          }
+        }
+        cleanupSync(rec); // SIGKILL if somehow still there + remove the files
+        running.delete(rec);
+      })();
+      return stopping;
+    },
+  };
+}
+
+/** A QEMU started by spawnQemu: its process, QMP and serial console. */
+export interface QemuProcess extends TrackedChild {
+  /** Run a QMP command; resolves to its `return` value. */
+  qmp(cmd: string, args?: object): Promise<any>;
+  /** The console log now (the last text seen, after stop()). */
+  consoleText(): string;
+  /**
+   * Wait until the console contains `marker`; resolves to the console text.
+   * On QEMU's exit or the timeout, stops QEMU and rejects with the QEMU log and the console's tail.
+   */
+  waitConsole(marker: string, timeoutMs: number): Promise<string>;
+}
+
+export interface QemuSpec {
+  /** For messages. */
+  name: string;
+  /** Arguments after the binary; spawnQemu adds -serial, -qmp and -pidfile. */
+  args: string[];
+  env?: NodeJS.ProcessEnv;
+  consolePath: string;
+  qmpPath: string;
+  pidPath: string;
+  logPath: string;
+  /** Also removed at stop (e.g. the RAM file). */
+  files: string[];
+}
+
+/** Start QEMU (TCG) with a file console and a QMP socket; see spawnTracked for its lifetime. */
+export function spawnQemu(spec: QemuSpec): QemuProcess {
+  const qemu = findOnPath('qemu-system-x86_64');
+  if (!qemu) throw new Error('qemu-system-x86_64 not found on PATH; run: ' + PROVISION_COMMAND);
+  for (const f of [spec.consolePath, spec.qmpPath, spec.pidPath, spec.logPath]) fs.rmSync(f, { force: true });
+  const args = [...spec.args, '-serial', `file:${spec.consolePath}`, '-qmp', `unix:${spec.qmpPath},server,nowait`, '-pidfile', spec.pidPath];
+  const tracked = spawnTracked(qemu, args, {
+    logPath: spec.logPath, files: [...spec.files, spec.qmpPath, spec.pidPath, spec.consolePath], ...(spec.env ? { env: spec.env } : {}),
+  });
+  const qmpClient = new QmpClient(spec.qmpPath);
+  let lastConsole = '';
+  let stopped = false;
+  const consoleText = (): string => {
+    if (stopped) return lastConsole;
+    const t = readText(spec.consolePath);
+    if (t) lastConsole = t;
+    return lastConsole;
+  };
+  const stop = async (graceMs?: number): Promise<void> => {
+    if (!stopped) {
+      consoleText();
+      stopped = true;
+      qmpClient.close();
+    }
+    await tracked.stop(graceMs);
+  };
+  const waitConsole = async (marker: string, timeoutMs: number): Promise<string> => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (tracked.exited()) {
+        const text = consoleText();
+        const log = readText(spec.logPath);
+        await stop();
+        throw new Error(
+          `${spec.name}: qemu exited before '${marker}' (${tracked.exitDescription()})\n` +
+            `qemu log:\n${log}\nconsole tail:\n${text.split('\n').slice(-30).join('\n')}`,
+        );
+      }
+      const text = consoleText();
+      if (text.includes(marker)) return text;
+      if (Date.now() > deadline) {
+        await stop();
+        throw new Error(`${spec.name}: no '${marker}' on the console within ${timeoutMs} ms; console tail:\n${text.split('\n').slice(-30).join('\n')}`);
+      }
+      await sleep(100);
+    }
+  };
+  return {
+    ...tracked,
+    stop,
+    qmp: (cmd, a) => (stopped ? Promise.reject(new Error(`${spec.name} is stopped`)) : qmpClient.execute(cmd, a)),
+    consoleText,
+    waitConsole,
+  };
 }
 
 function pidIsOurQemu(pid: number, ramPath: string): boolean {
@@ -409,108 +572,40 @@ export async function bootLiveTarget(name: string, opts: BootOptions = {}): Prom
   } catch (e) {
     if (e instanceof Error && e.message.startsWith('live target')) throw e;
   }
-  for (const f of [ramPath, consolePath, qmpPath, pidPath, logPath]) fs.rmSync(f, { force: true });
-
-  const qemuArgs = [
-    '-accel', 'tcg', '-smp', '1', '-m', `${memMb}M`,
-    '-object', `memory-backend-file,id=ram,size=${memMb}M,mem-path=${ramPath},share=on`,
-    '-machine', 'q35,memory-backend=ram', '-nodefaults', '-display', 'none', '-no-reboot',
-    '-kernel', kernel, '-initrd', initrd, '-append', 'console=ttyS0 panic=-1',
-    '-serial', `file:${consolePath}`, '-qmp', `unix:${qmpPath},server,nowait`, '-pidfile', pidPath,
-  ];
-  const setpriv = findOnPath('setpriv');
-  const qemu = findOnPath('qemu-system-x86_64')!;
-  const [cmd, argv] = setpriv
-    ? [setpriv, ['--pdeathsig', 'KILL', '--', qemu, ...qemuArgs]]
-    : [qemu, qemuArgs];
-
-  installExitHook();
-  const logFd = fs.openSync(logPath, 'w');
-  let child: ChildProcess;
-  try {
-    child = spawn(cmd, argv, { stdio: ['ignore', logFd, logFd] });
-  } finally {
-    fs.closeSync(logFd);
+  fs.rmSync(ramPath, { force: true });
+  // The kernel unpacks concatenated initramfs archives in order: extras land on top of the provisioned one.
+  let initrdPath = initrd;
+  const runFiles: string[] = [];
+  if (opts.extraInitrd !== undefined && opts.extraInitrd.length > 0) {
+    initrdPath = path.join(run, `${name}.initrd`);
+    fs.writeFileSync(initrdPath, Buffer.concat([initrd, ...opts.extraInitrd].map((f) => fs.readFileSync(f))));
+    runFiles.push(initrdPath);
   }
-  const rec: Running = { child, ramPath, files: [qmpPath, pidPath, consolePath, logPath] };
-  running.add(rec);
-  child.unref(); // a forgotten target must not hang the process; the exit hook kills it
-  let spawnError: Error | null = null;
-  child.on('error', (e) => {
-    spawnError = e;
+
+  const q = spawnQemu({
+    name: `live target '${name}'`,
+    args: [
+      '-accel', 'tcg', '-smp', '1', '-m', `${memMb}M`,
+      '-object', `memory-backend-file,id=ram,size=${memMb}M,mem-path=${ramPath},share=on`,
+      '-machine', 'q35,memory-backend=ram', '-nodefaults', '-display', 'none', '-no-reboot',
+      '-kernel', kernel, '-initrd', initrdPath, '-append', `console=ttyS0 panic=-1${opts.append ? ` ${opts.append}` : ''}`,
+      ...(opts.cpu ? ['-cpu', opts.cpu] : []),
+    ],
+    consolePath, qmpPath, pidPath, logPath, files: [ramPath, ...runFiles],
   });
 
-  let lastConsole = '';
-  let stopped = false;
-  const qmpClient = new QmpClient(qmpPath);
-
-  const stop = async (): Promise<void> => {
-    if (stopped) return;
-    stopped = true;
-    lastConsole = readText(consolePath) || lastConsole;
-    qmpClient.close();
-    if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
-      try {
-        child.kill('SIGTERM');
-      } catch {
-        /* gone */
-      }
-      if (!(await waitExit(child, 5000))) {
-        try {
-          child.kill('SIGKILL');
-        } catch {
-          /* gone */
-        }
-        await waitExit(child, 5000);
-      }
-    }
-    cleanupSync(rec); // SIGKILL if somehow still there + remove RAM and run files
-    running.delete(rec);
-  };
-
-  // Wait for the guest's ready line.
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (spawnError || child.exitCode !== null || child.signalCode !== null) {
-      const text = readText(consolePath);
-      const log = readText(logPath);
-      await stop();
-      throw new Error(
-        `live target '${name}': qemu exited before ready (${spawnError ? String(spawnError) : `code ${child.exitCode} signal ${child.signalCode}`})\n` +
-          `qemu log:\n${log}\nconsole tail:\n${text.split('\n').slice(-30).join('\n')}`,
-      );
-    }
-    const text = readText(consolePath);
-    if (text.includes('KVMMEM-TRUTH ready')) {
-      lastConsole = text;
-      break;
-    }
-    if (Date.now() > deadline) {
-      await stop();
-      throw new Error(
-        `live target '${name}': no 'KVMMEM-TRUTH ready' within ${timeoutMs} ms; console tail:\n${text.split('\n').slice(-30).join('\n')}`,
-      );
-    }
-    await sleep(100);
-  }
-
+  // Wait for the guest's ready line (spawnQemu stops QEMU when it does not come).
+  const text = await q.waitConsole('KVMMEM-TRUTH ready', timeoutMs);
   let truth: Truth;
   try {
-    truth = parseTruth(lastConsole);
+    truth = parseTruth(text);
   } catch (e) {
-    await stop();
-    throw new Error(`live target '${name}': ${(e as Error).message}; console tail:\n${lastConsole.split('\n').slice(-40).join('\n')}`);
+    await q.stop();
+    throw new Error(`live target '${name}': ${(e as Error).message}; console tail:\n${text.split('\n').slice(-40).join('\n')}`);
   }
 
-  const pid = child.pid!;
-  const memBytes = memMb * 1024 * 1024;
-
-  const qmp = (c: string, args?: object): Promise<any> => {
-    if (stopped) return Promise.reject(new Error(`live target '${name}' is stopped`));
-    return qmpClient.execute(c, args);
-  };
   const hmp = async (commandLine: string): Promise<string> => {
-    const out = await qmp('human-monitor-command', { 'command-line': commandLine });
+    const out = await q.qmp('human-monitor-command', { 'command-line': commandLine });
     return typeof out === 'string' ? out : String(out ?? '');
   };
   const cr3 = async (): Promise<bigint> => {
@@ -527,12 +622,9 @@ export async function bootLiveTarget(name: string, opts: BootOptions = {}): Prom
     if (/unmapped/i.test(out)) return null;
     throw new Error(`unexpected gva2gpa output: ${JSON.stringify(out)}`);
   };
-  const consoleText = (): string => {
-    if (stopped) return lastConsole;
-    const t = readText(consolePath);
-    if (t) lastConsole = t;
-    return lastConsole;
-  };
 
-  return { name, ramPath, consolePath, qmpPath, pid, memBytes, truth, qmp, hmp, cr3, gva2gpa, consoleText, stop };
+  return {
+    name, ramPath, consolePath, qmpPath, pid: q.pid, memBytes: memMb * 1024 * 1024, truth,
+    qmp: q.qmp, hmp, cr3, gva2gpa, consoleText: q.consoleText, stop: () => q.stop(),
+  };
 }

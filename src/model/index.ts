@@ -1,8 +1,8 @@
 /**
  * kvmmem/model: the executable hypercall model of the two kernel sides the
- * library talks to — the introspector's /dev/kvmmem driver (seed 003) and the
- * KVMI host (tokens, KVM_HC_MEM_MAP/UNMAP, hook/unhook/preunhook, the host side
- * of the KVMI socket). Real memory, real page aliasing, real bytes on the
+ * library talks to — the introspector's /dev/kvmmem driver (RFC v4
+ * kvmi_mem_guest.c) and the KVMI host (tokens, KVM_HC_MEM_MAP/UNMAP,
+ * hook/unhook/preunhook, the host side of the KVMI socket). Real memory, real page aliasing, real bytes on the
  * Device interface. See docs/driver-model.md.
  */
 export { ModelHost, ModelVm } from './host.js';

@@ -1,22 +1,28 @@
 /**
  * The host (KVM) side of the KVMI socket once a VM is hooked: the model's
  * "receive thread" (seed 000 kvmi_recv_thread / kvmi_msg_process). It serves
- * KVMI_GET_VERSION, KVMI_CONTROL_VM_EVENTS (v6) and KVMI_GET_MAP_TOKEN, takes
+ * KVMI_GET_VERSION, KVMI_CONTROL_VM_EVENTS (v6), KVMI_GET_MAP_TOKEN and
+ * KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL (kvmi.rst: 1..4096 bytes within one
+ * page, else -KVM_EINVAL; non-zero padding -KVM_EINVAL; no RAM there
+ * -KVM_ENOENT; a write to a read-only image -KVM_EPERM, the model's choice), takes
  * KVMI_EVENT_REPLY for the UNHOOK event it sends on PREUNHOOK, and answers any
  * other id with -KVM_ENOSYS. A framing error (a header announcing more than
  * KVMI_MAX_MESSAGE_SIZE bytes, or a known command whose body has the wrong
  * size, or an undecodable event reply) closes the socket, as the kernel drops
  * the connection. Codecs come from src/abi.
  */
+import * as fs from 'node:fs';
 import type * as net from 'node:net';
 import { debuglog } from 'node:util';
 import {
   CONTROL_VM_EVENTS_SIZE, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, FrameReader, MAP_TOKEN_REPLY_SIZE, MSG_HDR_SIZE, KVMI_EVENT_UNHOOK, KVMI_IDS, KVMI_VERSION,
-  decodeControlVmEvents, decodeEventReply, encodeErrorCode, encodeEvent, encodeGetVersionReply,
-  encodeMapTokenReply, encodeMessage, kvmiMessageName, type KvmiFrame, type KvmiProtocol,
+  decodeControlVmEvents, decodeEventReply, decodeReadPhysical, decodeWritePhysical, encodeErrorCode, encodeEvent, encodeGetVersionReply,
+  encodeMapTokenReply, encodeMessage, encodeMsgHdr, kvmiMessageName, physicalRangeProblem, PHYSICAL_REQUEST_SIZE,
+  type KvmiFrame, type KvmiProtocol,
 } from '../abi/kvmi.js';
 import { AbiDecodeError } from '../abi/errors.js';
-import { KVM_EAGAIN, KVM_EINVAL, KVM_ENOSYS } from '../abi/hypercall.js';
+import { KVM_EAGAIN, KVM_EINVAL, KVM_ENOENT, KVM_ENOSYS, KVM_EPERM } from '../abi/hypercall.js';
+import type { GuestMemory } from './memory.js';
 
 const debug = debuglog('kvmmem');
 
@@ -32,6 +38,8 @@ export interface KvmiConnectionOwner {
   issueToken(): Uint8Array | null;
   /** issueToken() writing the 32 bytes into `out` at `offset` (no copy); false for -KVM_EAGAIN. */
   issueTokenInto?(out: Uint8Array, offset: number): boolean;
+  /** The VM's RAM, for KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL (absent: both answer -KVM_ENOSYS). */
+  readonly memory?: GuestMemory;
   /** The socket is gone (tool closed it, error, or shutdown()). */
   onDisconnect(conn: KvmiConnection): void;
 }
@@ -52,7 +60,7 @@ export class KvmiConnection {
   #outLen = 0;
   #batching = false;
   /** Counters for diagnostics and tests. */
-  readonly counts = { commands: 0, replies: 0, events: 0, framingErrors: 0 };
+  readonly counts = { commands: 0, replies: 0, events: 0, framingErrors: 0, physicalReads: 0, physicalWrites: 0 };
 
   constructor(socket: net.Socket, owner: KvmiConnectionOwner) {
     this.socket = socket;
@@ -234,8 +242,68 @@ export class KvmiConnection {
       this.#send(encodeMessage({ id, seq }, encodeMapTokenReply(token)));
       return true;
     }
+    if (id === ids.READ_PHYSICAL && this.#owner.memory !== undefined) return this.#readPhysical(id, seq, f.body, this.#owner.memory);
+    if (id === ids.WRITE_PHYSICAL && this.#owner.memory !== undefined) return this.#writePhysical(id, seq, f.body, this.#owner.memory);
     debug('%s: %s (id %d, %d bytes): -KVM_ENOSYS', this.#owner.label, kvmiMessageName(this.#owner.protocol, id), id, size);
     return this.#reply(id, seq, -KVM_ENOSYS);
+  }
+
+  /** KVMI_READ_PHYSICAL: the reply (header, error code, data) is read straight into the reply buffer. */
+  #readPhysical(id: number, seq: number, body: Buffer, mem: GuestMemory): boolean {
+    if (body.length !== PHYSICAL_REQUEST_SIZE) return this.#framingError(`KVMI_READ_PHYSICAL with a ${body.length}-byte body`);
+    let req;
+    try {
+      req = decodeReadPhysical(body);
+    } catch {
+      return this.#reply(id, seq, -KVM_EINVAL); // non-zero padding
+    }
+    if (physicalRangeProblem(req.gpa, req.size) !== null) return this.#reply(id, seq, -KVM_EINVAL);
+    const where = mem.resolve(req.gpa, req.size);
+    if (where === null) return this.#reply(id, seq, -KVM_ENOENT);
+    this.counts.physicalReads++;
+    const total = MSG_HDR_SIZE + ERROR_CODE_SIZE + req.size;
+    const batching = this.#batching;
+    const out = batching ? this.#reserve(total) : Buffer.allocUnsafe(total);
+    const o = batching ? this.#outLen : 0;
+    encodeMsgHdr({ id, size: ERROR_CODE_SIZE + req.size, seq }, out, o);
+    encodeErrorCode(0, out, o + MSG_HDR_SIZE);
+    const at = o + MSG_HDR_SIZE + ERROR_CODE_SIZE;
+    let got = 0;
+    try {
+      for (let n; got < req.size; got += n) {
+        n = fs.readSync(where.fd, out, at + got, req.size - got, where.offset + got);
+        if (n === 0) break;
+      }
+    } catch (e) {
+      debug('%s: KVMI_READ_PHYSICAL gpa 0x%s: %s', this.#owner.label, req.gpa.toString(16), (e as Error).message);
+      return this.#reply(id, seq, -KVM_ENOENT); // the memory was closed under us
+    }
+    if (got < req.size) out.fill(0, at + got, at + req.size); // a file shrunk under the VM: its tail reads as zeros
+    if (batching) this.#outLen += total;
+    else if (!this.socket.destroyed && this.socket.writable) this.socket.write(out);
+    return true;
+  }
+
+  #writePhysical(id: number, seq: number, body: Buffer, mem: GuestMemory): boolean {
+    if (body.length < PHYSICAL_REQUEST_SIZE) return this.#framingError(`KVMI_WRITE_PHYSICAL with a ${body.length}-byte body`);
+    let req;
+    try {
+      req = decodeWritePhysical(body);
+    } catch {
+      return this.#reply(id, seq, -KVM_EINVAL); // non-zero padding
+    }
+    if (req.data.length !== req.size || physicalRangeProblem(req.gpa, req.size) !== null) return this.#reply(id, seq, -KVM_EINVAL);
+    const where = mem.resolve(req.gpa, req.size);
+    if (where === null) return this.#reply(id, seq, -KVM_ENOENT);
+    if (!where.writable) return this.#reply(id, seq, -KVM_EPERM);
+    try {
+      for (let done = 0; done < req.size;) done += fs.writeSync(where.fd, req.data, done, req.size - done, where.offset + done);
+    } catch (e) {
+      debug('%s: KVMI_WRITE_PHYSICAL gpa 0x%s: %s', this.#owner.label, req.gpa.toString(16), (e as Error).message);
+      return this.#reply(id, seq, -KVM_ENOENT);
+    }
+    this.counts.physicalWrites++;
+    return this.#reply(id, seq, 0);
   }
 
   #reply(id: number, seq: number, err: number, data?: Uint8Array): boolean {

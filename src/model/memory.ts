@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as libc from '../sys/libc.js';
 import { recordFd, release, type LedgerEntry } from '../sys/thread.js';
 import { PAGE_SIZE } from '../abi/structs.js';
+import { hex } from '../abi/errors.js';
 import { UsageError } from '../errors.js';
 
 const PAGE = BigInt(PAGE_SIZE);
@@ -63,7 +64,6 @@ function toBig(what: string, v: bigint | number): bigint {
   throw new UsageError(`${what} must be a bigint or a safe integer, got ${String(v)}`);
 }
 
-const hex = (v: bigint | number) => '0x' + v.toString(16);
 
 export class GuestMemory {
   readonly name: string;
@@ -290,7 +290,7 @@ export class GuestMemory {
     return t;
   }
 
-  /** Reads guest-physical memory (may cross adjacent regions; a hole throws RangeError). */
+  /** Reads guest-physical memory (may cross adjacent regions; a hole throws UsageError). */
   read(gpa: bigint, len: number): Buffer {
     const out = Buffer.alloc(len);
     this.#pieces(gpa, len, (fd, off, at, n) => {
@@ -316,7 +316,7 @@ export class GuestMemory {
     while (at < len) {
       const cur = gpa + BigInt(at);
       const r = this.regionOf(cur);
-      if (r === undefined) throw new RangeError(`gpa ${hex(cur)} of VM ${this.name} is not RAM (hole or beyond ${hex(this.end)})`);
+      if (r === undefined) throw new UsageError(`gpa ${hex(cur)} of VM ${this.name} is not RAM (hole or beyond ${hex(this.end)})`);
       const n = Math.min(len - at, Number(r.gpa + r.size - cur));
       fn(this.#fd, Number(r.fileOffset + (cur - r.gpa)), at, n);
       at += n;

@@ -41,7 +41,7 @@ export class ModelDevice implements Device {
 
   /** This file's map_list, in list order. */
   mappings(): PageMap[] {
-    return this.#fmp.entries();
+    return this.#fmp.map_list.entries();
   }
 
   ioctl(request: number, arg: IoctlArg): number {

@@ -18,6 +18,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { MEM_TOKEN_SIZE } from '../abi/structs.js';
+import { UsageError } from '../errors.js';
 
 export interface TokenStoreOptions {
   /** Most outstanding tokens per VM (default 8; Infinity for v4). */
@@ -82,8 +83,8 @@ export class TokenStore<V extends object> {
   constructor(opts: TokenStoreOptions = {}) {
     this.limit = opts.limit ?? 8;
     this.ttlMs = opts.ttlMs ?? 3000;
-    if (!(this.limit >= 0)) throw new RangeError(`token limit must be >= 0, got ${this.limit}`);
-    if (!(this.ttlMs > 0)) throw new RangeError(`token ttlMs must be > 0, got ${this.ttlMs}`);
+    if (!(this.limit >= 0)) throw new UsageError(`token limit must be >= 0, got ${this.limit}`);
+    if (!(this.ttlMs > 0)) throw new UsageError(`token ttlMs must be > 0, got ${this.ttlMs}`);
     this.#now = opts.now ?? Date.now;
     this.#sweepMs = opts.sweepMs ?? 1000;
   }

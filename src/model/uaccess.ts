@@ -35,8 +35,7 @@ export type PageState = 'unmapped' | 'absent' | 'present';
  * which is close to, not exactly, "present in this process's page table".
  */
 export function pageState(page: number): PageState {
-  const r = libc.mincore(page, PAGE_SIZE, vec1);
-  if (r < 0) return 'unmapped';
+  if (!libc.mincore(page, PAGE_SIZE, vec1)) return 'unmapped';
   return (vec1[0]! & 1) === 1 ? 'present' : 'absent';
 }
 
@@ -47,7 +46,7 @@ export function pageState(page: number): PageState {
  */
 export function pageStates(first: number, pages: number, into: Map<number, PageState>): boolean {
   const vec = pages === 1 ? vec1 : new Uint8Array(pages);
-  if (libc.mincore(first, pages * PAGE_SIZE, vec) < 0) return false;
+  if (!libc.mincore(first, pages * PAGE_SIZE, vec)) return false;
   for (let k = 0; k < pages; k++) into.set(first + k * PAGE_SIZE, (vec[k]! & 1) === 1 ? 'present' : 'absent');
   return true;
 }
@@ -58,7 +57,7 @@ export function rangeMapped(addr: number, len: number): boolean {
   const end = addr + len;
   const pages = Math.ceil((end - start) / PAGE_SIZE);
   const vec = pages === 1 ? vec1 : new Uint8Array(pages);
-  return libc.mincore(start, pages * PAGE_SIZE, vec) === 0;
+  return libc.mincore(start, pages * PAGE_SIZE, vec);
 }
 
 let selfMem: number | null | undefined;

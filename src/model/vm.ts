@@ -214,6 +214,7 @@ export class ModelVm {
     this.#conn = new KvmiConnection(sock, {
       protocol: this.host.protocol,
       label: this.label,
+      memory: this.memory,
       issueToken: () => (this.#hooked && !this._removed ? this.host._tokens.issue(this) : null),
       issueTokenInto: (out, offset) => this.#hooked && !this._removed && this.host._tokens.issueInto(this, out, offset),
       onDisconnect: (c) => {

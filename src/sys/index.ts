@@ -1,3 +1,3 @@
 export * as libc from './libc.js';
-export { Window, prefault, remapFresh, remapShared } from './window.js';
+export { Window, prefault, remapFreshRaw, remapSharedRaw } from './window.js';
 export type { WindowOptions } from './window.js';

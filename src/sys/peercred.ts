@@ -4,11 +4,9 @@
  * cannot be forged by the peer (only by the kernel's own credential rules:
  * a process that changes uid after connect() still shows the old one).
  */
-import ffi from 'ffi-rs';
 import { SyscallError } from '../errors.js';
-import './libc.js'; // opens 'libc' for ffi-rs
+import { DataType, LIBC, load, type Errno } from './ffi.js';
 
-const { load, DataType } = ffi;
 const { I32, U8Array } = DataType;
 
 const SOL_SOCKET = 1;
@@ -28,9 +26,9 @@ export function peerCred(fd: number): PeerCred {
   const len = Buffer.alloc(4);
   len.writeUInt32LE(UCRED_SIZE, 0);
   const r = load({
-    library: 'libc', funcName: 'getsockopt', retType: I32, paramsType: [I32, I32, I32, U8Array, U8Array],
+    library: LIBC, funcName: 'getsockopt', retType: I32, paramsType: [I32, I32, I32, U8Array, U8Array],
     paramsValue: [fd, SOL_SOCKET, SO_PEERCRED, cred, len], errno: true,
-  }) as unknown as { value: number; errnoCode: number };
+  }) as Errno<number>;
   if (r.value < 0) throw new SyscallError(r.errnoCode, 'getsockopt(SO_PEERCRED)');
   if (len.readUInt32LE(0) < UCRED_SIZE) throw new SyscallError(22, 'getsockopt(SO_PEERCRED)', { hint: 'short struct ucred' });
   return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };

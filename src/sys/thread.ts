@@ -20,7 +20,7 @@
  *    worker_threads environment data): when a worker ends, the thread that created
  *    it (if it imported kvmmem) closes the fds and unmaps the mappings that worker
  *    still owned, and removes its temp directories. A worker's own 'exit' does the
- *    same for itself. This module is the first thing src/sys/libc.ts imports.
+ *    same for itself. This module is the first thing src/sys/ffi.ts imports.
  */
 import ffi from 'ffi-rs';
 import { lstatSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
@@ -28,7 +28,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { debuglog } from 'node:util';
 import { getEnvironmentData, isMainThread, setEnvironmentData, threadId, type Worker } from 'node:worker_threads';
-import { KvmmemError } from '../errors.js';
+import { KvmmemError, UsageError } from '../errors.js';
 
 const debug = debuglog('kvmmem');
 const { open: ffiOpen, load, DataType } = ffi;
@@ -192,7 +192,7 @@ const OWNED_DIR = /^kvmmem-([a-z]+)-(\d+)-(\d+)-/;
 
 /** mkdtemp in the temp dir as kvmmem-KIND-PID-THREAD-XXXXXX, so that the owner's death can be told from the name. */
 export function makeOwnedTempDir(kind: string): string {
-  if (!/^[a-z]+$/.test(kind)) throw new RangeError(`makeOwnedTempDir: kind must be lower-case letters, got ${kind}`);
+  if (!/^[a-z]+$/.test(kind)) throw new UsageError(`makeOwnedTempDir: kind must be lower-case letters, got ${kind}`);
   return mkdtempSync(join(tmpdir(), `kvmmem-${kind}-${process.pid}-${threadId}-`));
 }
 

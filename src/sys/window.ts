@@ -87,11 +87,14 @@ export function prefault(address: number, length: number): void {
  * Put a fresh, zeroed, locked private page (or run of pages) at address. Returns 0 or -errno.
  * One native call with the batch helper (mmap + mlock in C), else mmap then mlock.
  */
-export function remapFresh(address: number, length: number): number {
-  return libc.remapOne(libc.REMAP_FRESH, address, length, -1, 0);
+export function remapFreshRaw(address: number, length: number): number {
+  return libc.remapOneRaw(libc.REMAP_FRESH, address, length, -1, 0);
 }
 
+/** @deprecated use remapFreshRaw (transitional, for src/model/host.ts) */
+export const remapFresh = remapFreshRaw;
+
 /** Put `length` bytes of fd at `offset` at address (MAP_SHARED|MAP_FIXED), locked. Returns 0 or -errno. */
-export function remapShared(address: number, length: number, fd: number, offset: number, writable = true): number {
-  return libc.remapOne(writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, address, length, fd, offset);
+export function remapSharedRaw(address: number, length: number, fd: number, offset: number, writable = true): number {
+  return libc.remapOneRaw(writable ? libc.REMAP_SHARED : libc.REMAP_SHARED_RO, address, length, fd, offset);
 }
