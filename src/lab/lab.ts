@@ -30,6 +30,8 @@ import { bootIntrospector, findAgent, freePort, GUEST_SHARE_ROOT, labAvailable, 
 export interface LabHostStartOptions {
   agentSocket: string;
   mailboxPath: string;
+  /** The introspector's RAM file: an UNMAP zeroes the page there and gives QEMU its own page back. */
+  introspectorRam?: string;
   targets: { name: string; ramPath: string; uuid?: string }[];
   cookie: string;
   tool?: { tcp: { host: string; port: number } };
@@ -247,7 +249,7 @@ export class Lab {
         if (typeof startHost === 'string') hostInfo = { running: false, reason: startHost };
         else {
           host = await startHost({
-            agentSocket: intro.agentSocket!, mailboxPath, cookie,
+            agentSocket: intro.agentSocket!, mailboxPath, cookie, introspectorRam: introRam,
             targets: [{ name: targetVm, ramPath: target.ramPath }],
             tool: { tcp: { host: '127.0.0.1', port } },
           });

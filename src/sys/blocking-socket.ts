@@ -3,19 +3,12 @@
  * synchronous caller must finish before it returns (the lab host's page
  * remapper asks the QEMU agent from inside a hypercall). Every read and write
  * blocks the calling thread, bounded by SO_RCVTIMEO / SO_SNDTIMEO, so a hung
- * peer costs the timeout, never a hang. connect() and setsockopt() are the two
- * calls libc.ts lacks; the rest is libc.ts's socket/read/write/close.
+ * peer costs the timeout, never a hang.
  */
-import ffi from 'ffi-rs';
 import { SyscallError } from '../errors.js';
 import * as libc from './libc.js';
 
-const { load, DataType } = ffi;
-const { I32, U8Array } = DataType;
-const SOL_SOCKET = 1, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21;
 const EINTR = 4, EBADF = 9, EAGAIN = 11, ETIMEDOUT = 110, ECONNRESET = 104;
-
-type Errno<T> = { value: T; errnoCode: number };
 
 export class BlockingSocket {
   readonly path: string;
@@ -33,19 +26,10 @@ export class BlockingSocket {
     const addr = libc.sockaddrUn(path);
     const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM);
     try {
-      const tv = Buffer.alloc(16); // struct timeval { i64 tv_sec; i64 tv_usec; }
-      tv.writeBigInt64LE(BigInt(Math.floor(timeoutMs / 1000)), 0);
-      tv.writeBigInt64LE(BigInt((timeoutMs % 1000) * 1000), 8);
-      for (const opt of [SO_RCVTIMEO, SO_SNDTIMEO]) {
-        const r = load({ library: 'libc', funcName: 'setsockopt', retType: I32, paramsType: [I32, I32, I32, U8Array, I32], paramsValue: [fd, SOL_SOCKET, opt, tv, tv.length], errno: true }) as Errno<number>;
-        if (r.value < 0) throw new SyscallError(r.errnoCode, 'setsockopt');
-      }
-      for (;;) {
-        const r = load({ library: 'libc', funcName: 'connect', retType: I32, paramsType: [I32, U8Array, I32], paramsValue: [fd, addr, addr.length], errno: true }) as Errno<number>;
-        if (r.value === 0) break;
-        if (r.errnoCode === EINTR) continue;
-        throw new SyscallError(r.errnoCode, 'connect', { path });
-      }
+      libc.setSocketTimeout(fd, libc.SO_RCVTIMEO, timeoutMs);
+      libc.setSocketTimeout(fd, libc.SO_SNDTIMEO, timeoutMs);
+      const r = libc.connectRaw(fd, addr);
+      if (r < 0) throw new SyscallError(-r, 'connect', { path });
     } catch (e) {
       libc.closeRaw(fd);
       throw e;
@@ -60,7 +44,7 @@ export class BlockingSocket {
     let done = 0;
     while (done < len) {
       if (this.#fd < 0) return -EBADF;
-      const r = libc.write(this.#fd, done === 0 ? buf : buf.subarray(done), len - done);
+      const r = libc.writeRaw(this.#fd, done === 0 ? buf : buf.subarray(done), len - done);
       if (r === -EINTR) continue;
       if (r === -EAGAIN) return -ETIMEDOUT; // SO_SNDTIMEO expired
       if (r < 0) return r;
@@ -74,7 +58,7 @@ export class BlockingSocket {
     let done = 0;
     while (done < len) {
       if (this.#fd < 0) return -EBADF;
-      const r = libc.read(this.#fd, done === 0 ? buf : buf.subarray(done), len - done);
+      const r = libc.readRaw(this.#fd, done === 0 ? buf : buf.subarray(done), len - done);
       if (r === -EINTR) continue;
       if (r === -EAGAIN) return -ETIMEDOUT; // SO_RCVTIMEO expired
       if (r < 0) return r;
