@@ -164,7 +164,9 @@ export class LabHost {
     }
     this.host.close(); // revokes, then the remapper's RESTORE_ALL + DETACH
     for (const m of this.#memories) m.close();
-    await Promise.allSettled(this.#targets.map((t) => t.loop));
+    // The attach loops see #closed at their next step; one mid-attempt ends within its
+    // attemptTimeoutMs and its hook fails on the closed host. Not awaited: a loop asleep
+    // on an unref'd timer must not hold close() (or the process) open.
   }
 
   /** Attach, wait until the tool goes away, attach again; until close(). */
