@@ -178,4 +178,21 @@ echo HELD; sleep 2; kill -9 $p; wait $p; echo "KILLED $?"`;
     t.is(after.host.mappings, 0);
     t.true(after.mailbox.unmaps - before.mailbox.unmaps >= 64, `UNMAP hypercalls from release(): ${after.mailbox.unmaps - before.mailbox.unmaps}`);
   });
+
+  test.serial('inside: the lab host pre-unhooks the target: the tool gets the UNHOOK event, its page is revoked (zeros)', async (t) => {
+    t.timeout(120_000);
+    const gpa = markerPages(lab!.info.target.ramPath, 1)[0]!;
+    let ack: Promise<string> | undefined;
+    const r = await run('node', [...INSIDE, 'unhook', `0x${gpa.toString(16)}`], {
+      onStdout: (all) => { if (ack === undefined && all.includes('MAPPED')) ack = lab!.preunhook(); },
+    });
+    const o = result(r);
+    t.log(JSON.stringify(o), r.stderr.trim());
+    t.is(r.code, 0, r.stderr);
+    t.regex(r.stdout, /MAPPED true/, 'the channel enabled the UNHOOK event');
+    t.like(o, { nonzero: true, event: true, state: 'gone', zeroAfter: true, pageAccess: 'USE_AFTER_UNMAP' });
+    t.not(ack, undefined);
+    t.true(['reply', 'closed'].includes(await ack!), 'the tool answered the event');
+    t.is((await untilZeroMappings(5000)).host.mappings, 0);
+  });
 }

@@ -22,6 +22,7 @@ import { GuestMemory } from '../model/memory.js';
 import { ModelHost, type HostStats } from '../model/host.js';
 import type { ModelVm } from '../model/vm.js';
 import { attach } from '../model/device-manager.js';
+import type { UnhookAck } from '../model/kvmi-server.js';
 import type { AgentStats } from './agent-client.js';
 import { AgentRemapper } from './agent-remapper.js';
 import { Doorbell, type DoorbellStats } from './doorbell.js';
@@ -146,6 +147,18 @@ export class LabHost {
       remaps: this.#remapper.counters(),
       targets: this.#targets.map((t) => ({ name: t.vm.name, hooked: t.vm.hooked, attaches: t.attaches, lastError: t.lastError })),
     };
+  }
+
+  /**
+   * The device manager's pre-unhook of target `name` (seed 004): the tool gets
+   * the UNHOOK event, then the VM is unhooked (its mappings revoked: the
+   * introspector's pages read zeros). The attach loop hooks it again when the
+   * tool still listens. Resolves with how the tool answered.
+   */
+  async preunhook(name: string, timeoutMs?: number): Promise<UnhookAck> {
+    const t = this.#targets.find((x) => x.vm.name === name);
+    if (t === undefined) throw new UsageError(`lab host: no target VM '${name}' (have: ${this.#targets.map((x) => x.vm.name).join(', ')})`);
+    return t.vm.preunhook(timeoutMs === undefined ? {} : { timeoutMs });
   }
 
   /**

@@ -39,6 +39,8 @@ export interface LabHostStartOptions {
 export interface LabHostHandle {
   close(): Promise<void> | void;
   stats(): unknown;
+  /** The device manager's pre-unhook of a target VM (what a real host does before it stops introspection). */
+  preunhook?(name: string, timeoutMs?: number): Promise<string>;
 }
 export type StartHost = (o: LabHostStartOptions) => Promise<LabHostHandle>;
 
@@ -330,6 +332,16 @@ export class Lab {
    */
   async run(cmd: string, args: readonly string[] = [], opts: LabRunOptions = {}): Promise<number> {
     return runWith((io) => this.spawn([cmd, ...args], opts, io), opts, `lab '${this.name}'`);
+  }
+
+  /**
+   * Pre-unhooks target VM `vm` (default the lab's target) as a real host's
+   * device manager does: the tool inside gets the UNHOOK event, its pages of
+   * that VM are revoked. Resolves with 'reply', 'closed' or 'timeout' (how the tool answered).
+   */
+  async preunhook(vm: string = this.info.target.vm, timeoutMs?: number): Promise<string> {
+    if (this.host?.preunhook === undefined) throw new LabError('ELAB_NOHOST', `lab '${this.name}' has no lab host to unhook with (${this.info.host.running ? 'it cannot pre-unhook' : this.info.host.reason})`);
+    return this.host.preunhook(vm, timeoutMs);
   }
 
   /** What the lab host reports (null without a host). */
