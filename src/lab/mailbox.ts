@@ -1,7 +1,7 @@
 /**
  * The lab mailbox layout, mirrored from native/kmod/kvmmem_mailbox.h (the one
- * source, written for the guest module; test/lab-mailbox.test.ts compiles a C
- * program against it and checks every value here). Little-endian, at offset 0
+ * source, written for the guest module, whose static asserts pin the offsets;
+ * test/lab-host.test.ts checks every value here against it). Little-endian, at offset 0
  * of the ivshmem-doorbell BAR2 = the agent's KVMMEM_AGENT_MAILBOX file.
  */
 export const MBOX_MAGIC = 0x31584f424d4d564bn; // "KVMMBOX1" in memory order
