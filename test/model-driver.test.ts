@@ -158,6 +158,16 @@ test('MAP: a pointer argument is read from this process; an unmapped pointer -> 
   t.is(errnoOf(() => dev.ioctl(KVM_INTRO_MEM_MAP, 0)), EFAULT);
   t.is(errnoOf(() => dev.ioctl(KVM_INTRO_MEM_MAP, -1)), EFAULT, 'a pointer past the user limit');
   t.is(host.stats().mappings, 1);
+  // A struct cut short by a PROT_NONE page: mapped, but copy_from_user cannot read it (as on the kernel module).
+  const two = libc.mmap(0, 2 * PS, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS);
+  try {
+    libc.mmap(two + PS, PS, libc.PROT_NONE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_FIXED);
+    const before = host.counters().mapHypercalls;
+    t.is(errnoOf(() => dev.ioctl(KVM_INTRO_MEM_MAP, two + PS - 16)), EFAULT, '16 bytes before a PROT_NONE page');
+    t.is(host.counters().mapHypercalls, before);
+  } finally {
+    libc.munmap(two, 2 * PS);
+  }
 });
 
 test('MAP: access_ok — a gva whose page reaches past 0x7ffffffff000 -> EINVAL, before any hypercall', async (t) => {

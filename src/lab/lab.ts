@@ -30,6 +30,8 @@ import { bootIntrospector, findAgent, freePort, GUEST_SHARE_ROOT, labAvailable, 
 export interface LabHostStartOptions {
   agentSocket: string;
   mailboxPath: string;
+  /** The introspector's RAM file: an UNMAP zeroes the page there and gives QEMU its own page back. */
+  introspectorRam?: string;
   targets: { name: string; ramPath: string; uuid?: string }[];
   cookie: string;
   tool?: { tcp: { host: string; port: number } };
@@ -37,6 +39,8 @@ export interface LabHostStartOptions {
 export interface LabHostHandle {
   close(): Promise<void> | void;
   stats(): unknown;
+  /** The device manager's pre-unhook of a target VM (what a real host does before it stops introspection). */
+  preunhook?(name: string, timeoutMs?: number): Promise<string>;
 }
 export type StartHost = (o: LabHostStartOptions) => Promise<LabHostHandle>;
 
@@ -247,7 +251,7 @@ export class Lab {
         if (typeof startHost === 'string') hostInfo = { running: false, reason: startHost };
         else {
           host = await startHost({
-            agentSocket: intro.agentSocket!, mailboxPath, cookie,
+            agentSocket: intro.agentSocket!, mailboxPath, cookie, introspectorRam: introRam,
             targets: [{ name: targetVm, ramPath: target.ramPath }],
             tool: { tcp: { host: '127.0.0.1', port } },
           });
@@ -328,6 +332,16 @@ export class Lab {
    */
   async run(cmd: string, args: readonly string[] = [], opts: LabRunOptions = {}): Promise<number> {
     return runWith((io) => this.spawn([cmd, ...args], opts, io), opts, `lab '${this.name}'`);
+  }
+
+  /**
+   * Pre-unhooks target VM `vm` (default the lab's target) as a real host's
+   * device manager does: the tool inside gets the UNHOOK event, its pages of
+   * that VM are revoked. Resolves with 'reply', 'closed' or 'timeout' (how the tool answered).
+   */
+  async preunhook(vm: string = this.info.target.vm, timeoutMs?: number): Promise<string> {
+    if (this.host?.preunhook === undefined) throw new LabError('ELAB_NOHOST', `lab '${this.name}' has no lab host to unhook with (${this.info.host.running ? 'it cannot pre-unhook' : this.info.host.reason})`);
+    return this.host.preunhook(vm, timeoutMs);
   }
 
   /** What the lab host reports (null without a host). */

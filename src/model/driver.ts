@@ -16,7 +16,7 @@
  *   resident bit 0 = no page present (never faulted in).
  * - page_to_phys(page): the page's virtual address (userspace cannot see
  *   guest-physical addresses; the model host uses the same frame identity).
- * - copy_from_user(): /proc/self/mem (fails instead of faulting).
+ * - copy_from_user(): process_vm_readv on this process (EFAULT for an unreadable byte, PROT_NONE included, instead of faulting).
  * - the mutex: JS runs one thread, so it can only be taken recursively by a
  *   bug; it is kept (and checked) to mirror the C critical sections.
  * - fmp->map_list: a MapList (map-list.ts), O(1) per entry where C walks the

@@ -2,14 +2,15 @@
  * What the kernel knows about a user address and userspace can find out too:
  * `access_ok` (the range lies below the x86-64 user limit), `find_vma` /
  * `follow_page` (is the page mapped at all / is a page present there: mincore),
- * `copy_from_user` (read our own memory without ever faulting: /proc/self/mem,
- * which answers EIO instead of SIGSEGV for an unreadable page).
+ * `copy_from_user` (read our own memory without ever faulting, honouring
+ * protections: process_vm_readv on ourselves, EFAULT for an unreadable byte).
  *
  * Process addresses are JS numbers inside (x86-64 user addresses are < 2^47).
  */
 import * as fs from 'node:fs';
 import * as libc from '../sys/libc.js';
 import { PAGE_SIZE, X86_64_USER_LIMIT } from '../abi/structs.js';
+import { ERRNO } from '../abi/errno.js';
 
 export const USER_LIMIT = Number(X86_64_USER_LIMIT);
 
@@ -79,6 +80,12 @@ function selfMemFd(): number | null {
 export function copy_from_user(addr: bigint, len: number): Buffer | null {
   if (!access_ok(addr, len)) return null;
   const a = Number(addr);
+  if (len <= 65536) {
+    const r = libc.readSelfRaw(a, len);
+    if (typeof r !== 'number') return r;
+    if (r !== ERRNO.ENOSYS && r !== ERRNO.EPERM) return null; // EFAULT (or any other refusal): not readable
+  }
+  // No process_vm_readv (seccomp, old kernel) or a long range: the mapping check and /proc/self/mem.
   if (!rangeMapped(a, len)) return null;
   const fd = selfMemFd();
   const out = Buffer.alloc(len);
@@ -86,7 +93,7 @@ export function copy_from_user(addr: bigint, len: number): Buffer | null {
     try {
       return fs.readSync(fd, out, 0, len, a) === len ? out : null;
     } catch {
-      return null; // EIO: a PROT_NONE or otherwise unreadable page
+      return null; // EIO: an otherwise unreadable page
     }
   }
   libc.view(a, len).copy(out);

@@ -219,6 +219,32 @@ export function mincore(addr: number, length: number, vec: Uint8Array): boolean 
   return true;
 }
 
+/**
+ * `len` bytes (1..64 KiB) at `addr` of this process, read with
+ * process_vm_readv(getpid()): the kernel copies as copy_from_user() would,
+ * honouring protections (a PROT_NONE or unmapped byte is -EFAULT, never a
+ * fault; /proc/self/mem would read PROT_NONE pages). The bytes, or -errno.
+ */
+export function readSelfRaw(addr: number, len: number): Buffer | number {
+  if (!Number.isSafeInteger(len) || len <= 0 || len > 65536) throw new UsageError(`readSelfRaw: length ${len} is outside 1..65536`);
+  const out = Buffer.alloc(len);
+  const iov = Buffer.alloc(32); // struct iovec local, remote { void *base; size_t len; }
+  const st = stager();
+  const local = st.arg(out, 0, len, false);
+  const iovAt = st.arg(iov, 0, 32, true, false);
+  if (local < 0 || iovAt < 0) throw new UsageError('readSelfRaw: no room in the scratch arena');
+  // The iovecs are staged already: write them into the arena copy.
+  const arena = view(iovAt, 32);
+  arena.writeBigUInt64LE(BigInt(local), 0);
+  arena.writeBigUInt64LE(BigInt(len), 8);
+  arena.writeBigUInt64LE(BigInt(addr), 16);
+  arena.writeBigUInt64LE(BigInt(len), 24);
+  const r = load({ library: LIBC, funcName: 'process_vm_readv', retType: I64, paramsType: [I32, U64, U64, U64, U64, U64], paramsValue: [process.pid, iovAt, 1, iovAt + 16, 1, 0], errno: true }) as Errno<number>;
+  if (r.value < 0) { st.reset(); return -r.errnoCode; }
+  st.done();
+  return r.value === len ? out : -ERRNO.EFAULT!;
+}
+
 // ---- live views ----
 /**
  * A live, zero-copy Buffer over native memory at `addr`. Garbage collection of

@@ -81,3 +81,23 @@ export function shutdownRaw(fd: number, how: number): number {
   return r.value < 0 ? -r.errnoCode : r.value;
 }
 
+
+/** connect(2) to an address built by sockaddrUn/sockaddrVm: 0 or -errno (EINTR retried). */
+export function connectRaw(fd: number, addr: Buffer): number {
+  for (;;) {
+    const r = load({ library: LIBC, funcName: 'connect', retType: I32, paramsType: [I32, U8Array, I32], paramsValue: [fd, addr, addr.length], errno: true }) as Errno<number>;
+    if (r.value === 0) return 0;
+    if (r.errnoCode !== 4) return -r.errnoCode;
+  }
+}
+
+export const SOL_SOCKET = 1, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21;
+
+/** setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO or SO_SNDTIMEO, struct timeval of `ms`). */
+export function setSocketTimeout(fd: number, option: typeof SO_RCVTIMEO | typeof SO_SNDTIMEO, ms: number): void {
+  const tv = Buffer.alloc(16); // struct timeval { i64 tv_sec; i64 tv_usec; }
+  tv.writeBigInt64LE(BigInt(Math.floor(ms / 1000)), 0);
+  tv.writeBigInt64LE(BigInt(Math.round(ms % 1000) * 1000), 8);
+  const r = load({ library: LIBC, funcName: 'setsockopt', retType: I32, paramsType: [I32, I32, I32, U8Array, I32], paramsValue: [fd, SOL_SOCKET, option, tv, tv.length], errno: true }) as Errno<number>;
+  if (r.value < 0) fail('setsockopt', r.errnoCode);
+}
