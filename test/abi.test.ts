@@ -397,8 +397,10 @@ test('kvm_introspection_hook: rejections', (t) => {
 // ---------------------------------------------------------------- KVMI messages
 
 test('KVMI ids and names', (t) => {
-  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14 });
-  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18 });
+  t.deepEqual({ ...KVMI_IDS.v4 }, { EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14, GET_MAX_GFN: null });
+  t.deepEqual({ ...KVMI_IDS.v6 }, { EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18, GET_MAX_GFN: 29 });
+  t.is(abi.decodeMaxGfnReply(abi.encodeMaxGfnReply(0x3ffffn)), 0x3ffffn);
+  t.throws(() => abi.decodeMaxGfnReply(new Uint8Array(4)), { code: 'ERR_KVMI_ABI' });
   t.true(Object.isFrozen(KVMI_IDS) && Object.isFrozen(KVMI_IDS.v6));
   t.is(abi.kvmiMessageName('v6', 22), 'KVMI_GET_MAP_TOKEN');
   t.is(abi.kvmiMessageName('v4', 15), 'KVMI_GET_MAP_TOKEN');

@@ -67,7 +67,7 @@ async function deployment(t: ExecutionContext, listen: ListenAddress, opts: { vm
 
 async function commandsAgree(t: ExecutionContext, target: Target, mvm: ModelVm, truth: ReturnType<typeof buildSyntheticGuest>) {
   t.is(target.kind, 'deployment');
-  t.is(target.end, null);
+  t.is(target.end, mvm.memory.end, 'KVMI_GET_MAX_GFN: the end of the VM\'s memory');
   t.regex(target.label, /^VM victim \([0-9a-f-]{36}\) via the given device$/);
   const s = capture(true);
   t.is(await scanTarget(s, target, { pattern: 'Linux version ', to: 64n * BigInt(MiB) }), 0);
@@ -82,8 +82,12 @@ async function commandsAgree(t: ExecutionContext, target: Target, mvm: ModelVm, 
   const tr = capture(true);
   t.is(await translateTarget(tr, target, { cr3: truth.cr3, va: truth.bannerVa, levels: 4 }), 0);
   t.is((tr.docs[0] as { gpa: string }).gpa, `0x${bannerGpa.toString(16)}`);
-  // scan without --to cannot know where the guest's RAM ends.
-  await t.throwsAsync(scanTarget(capture(false), target, { pattern: 'x' }), { message: /--to is required with --listen/ });
+  // scan without --to: to the end the host told (KVMI_GET_MAX_GFN), the same matches.
+  const whole = capture(true);
+  t.is(await scanTarget(whole, target, { pattern: 'Linux version ' }), 0);
+  t.deepEqual((whole.docs[0] as { matches: string[] }).matches, doc.matches);
+  // A host that does not tell it (v4): --to is required.
+  await t.throwsAsync(scanTarget(capture(false), { ...target, end: null }, { pattern: 'x' }), { message: /--to is required here: the host did not tell/ });
 }
 
 test('scan, read and translate on a deployment over TCP: the model VM connects to the tool\'s tcp port, pages map through the device', async (t) => {
@@ -159,7 +163,6 @@ test('the command line on a deployment: no device or not kvmmem fails at once (e
     [['read', '--gpa', '0', '--len', '1'], {}, /give --ram FILE .* or --listen ADDRESS/],
     [['read', '--gpa', '0', '--len', '1'], { KVMMEM_LISTEN: 'tcp:nowhere' }, /^kvmmem: KVMMEM_LISTEN 'tcp:nowhere'/],
     [['read', '--listen', 'tcp:1', '--gpa', '0', '--len', '1'], {}, /a KVMI cookie is required/],
-    [['scan', '--listen', 'tcp:1', '--cookie', 'c', '--pattern', 'x'], {}, /--to is required with --listen/],
     [['read', '--listen', 'tcp:1', '--cookie', 'c', '--vm', '', '--gpa', '0', '--len', '1'], {}, /--vm must not be empty/],
     [['selftest', '--listen', 'tcp:127.0.0.1:0', '--cookie', 'c', '--allow-uid', '0', '--device', '/dev/null'], {}, /allowUids cannot apply to a TCP listener/],
   ];

@@ -285,7 +285,11 @@ test('scan: abort mid-scan rejects with ABORT_ERR and leaves nothing mapped', as
 test('scan: bad arguments are usage errors', async (t) => {
   const f = await fixture(t, GuestMemory.anonymous(1n * MiB));
   await t.throwsAsync(scan(f.session, f.vm, '', { to: 4096n }), { code: 'ERR_INVALID_ARG' });
-  await t.throwsAsync(scan(f.session, f.vm, 'x', {} as never), { code: 'ERR_INVALID_ARG' });
+  await t.throwsAsync(scan(f.session, f.vm, 'x', undefined as never), { code: 'ERR_INVALID_ARG' });
+  // No `to`: the VM's memory size (KVMI_GET_MAX_GFN), or a usage error for a VM that cannot tell it.
+  t.is((await scan(f.session, f.vm, 'x', {})).scannedBytes, Number(MiB));
+  const mute = { uuid: f.vm.uuid, name: f.vm.name, state: f.vm.state, getMapTokensSettled: (n: number) => f.vm.getMapTokensSettled(n), on: () => mute, off: () => mute };
+  await t.throwsAsync(scan(f.session, mute, 'x', {}), { code: 'ERR_INVALID_ARG', message: /\{ to \} is required .*does not tell its memory size/ });
   await t.throwsAsync(scan(f.session, f.vm, 'x', { to: 4096n, chunkPages: 0 }), { code: 'ERR_INVALID_ARG' });
   await t.throwsAsync(scan(f.session, f.vm, { regex: /x/, maxLength: 0 }, { to: 4096n }), { code: 'ERR_INVALID_ARG' });
   // from > to is a mistake, not an empty scan (an empty range is from === to)

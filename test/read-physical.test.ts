@@ -382,3 +382,17 @@ test('fuzz: random READ/WRITE_PHYSICAL bodies never hurt the model host: error c
   t.is(mvm.connection!.counts.framingErrors, 0);
   t.is(vm.state, 'connected');
 });
+
+test('KVMI_GET_MAX_GFN: v6 answers the last frame of RAM (holes below it included); v4 has no such command', async (t) => {
+  const regions = GuestMemory.pcLayout(64n * MIB, { machine: 'q35' });
+  const memory = GuestMemory.anonymous(64n * MIB, { regions });
+  t.teardown(() => memory.close());
+  const { vm } = await modelVm(t, { memory });
+  t.is(await vm.getMaxGfn(), 64n * MIB / 4096n - 1n);
+  t.is(await vm.memorySize(), memory.end);
+  t.is(await vm.memorySize(), memory.end, 'asked once, kept');
+  const v4 = await modelVm(t, { protocol: 'v4' });
+  const e = await t.throwsAsync(v4.vm.memorySize(), { instanceOf: KvmiError });
+  t.regex(e!.message, /KVMI_GET_MAX_GFN/);
+  t.regex(e!.hint ?? '', /v4 protocol has no KVMI_GET_MAX_GFN/);
+});

@@ -137,6 +137,7 @@ struct kvm_introspection_hook {
 #define KVMI_V6_GET_MAP_TOKEN		22
 #define KVMI_V6_READ_PHYSICAL		17
 #define KVMI_V6_WRITE_PHYSICAL		18
+#define KVMI_V6_GET_MAX_GFN		29	/* reply: struct { __u64 gfn; } after kvmi_error_code */
 
 /* Handshake, before any framing; struct_size first, extensible. */
 struct kvmi_qemu2introspector {		/* device manager -> tool */

@@ -30,11 +30,13 @@ export interface KvmiMessageIds {
   /** KVMI_READ_PHYSICAL (v4 13, v6 17; later series call it KVMI_VM_READ_PHYSICAL). */
   READ_PHYSICAL: number;
   WRITE_PHYSICAL: number;
+  /** KVMI_GET_MAX_GFN (v6 29: the highest guest frame number of the VM's memory slots); the v4 set here has none. */
+  GET_MAX_GFN: number | null;
 }
 
 export const KVMI_IDS: Readonly<Record<KvmiProtocol, Readonly<KvmiMessageIds>>> = Object.freeze({
-  v4: Object.freeze({ EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14 }),
-  v6: Object.freeze({ EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18 }),
+  v4: Object.freeze({ EVENT_REPLY: 24, EVENT: 23, GET_VERSION: 1, CONTROL_VM_EVENTS: null, GET_MAP_TOKEN: 15, READ_PHYSICAL: 13, WRITE_PHYSICAL: 14, GET_MAX_GFN: null }),
+  v6: Object.freeze({ EVENT_REPLY: 0, EVENT: 1, GET_VERSION: 2, CONTROL_VM_EVENTS: 8, GET_MAP_TOKEN: 22, READ_PHYSICAL: 17, WRITE_PHYSICAL: 18, GET_MAX_GFN: 29 }),
 });
 
 function checkProtocol(protocol: KvmiProtocol): KvmiProtocol {
@@ -557,6 +559,22 @@ export function decodeMapTokenReply(buf: Uint8Array): { err: number; token?: Uin
   if (err !== 0) return { err };
   const b = needBytes('kvmi_map_mem_token', buf, ERROR_CODE_SIZE, MEM_TOKEN_SIZE);
   return { err, token: copyBytes(b, ERROR_CODE_SIZE, MEM_TOKEN_SIZE) };
+}
+
+// ---- KVMI_GET_MAX_GFN ----
+
+/** KVMI_GET_MAX_GFN's reply body after the error code: `struct { __u64 gfn; }`. */
+export const MAX_GFN_REPLY_SIZE = 8;
+
+export function encodeMaxGfnReply(gfn: bigint): Buffer {
+  const b = Buffer.alloc(MAX_GFN_REPLY_SIZE);
+  b.writeBigUInt64LE(gfn);
+  return b;
+}
+
+export function decodeMaxGfnReply(buf: Uint8Array): bigint {
+  if (buf.length !== MAX_GFN_REPLY_SIZE) throw new AbiDecodeError('kvmi_get_max_gfn_reply', undefined, `${buf.length} bytes, want ${MAX_GFN_REPLY_SIZE}`);
+  return Buffer.from(buf.buffer, buf.byteOffset, buf.length).readBigUInt64LE(0);
 }
 
 // ---- KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL ----

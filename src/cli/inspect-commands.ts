@@ -8,8 +8,8 @@ import * as faults from '../sys/faults.js';
 import { CliUsageError, EXIT, formatBytes, hexdump, progressBar, type Output } from './common.js';
 import type { Target } from './target.js';
 
-/** scan over a deployment needs an end: KVMI does not tell the guest's RAM size here. */
-export const SCAN_NEEDS_TO = 'scan: --to is required with --listen (the end of the guest\'s RAM is not known over KVMI)';
+/** scan over a deployment whose host does not answer KVMI_GET_MAX_GFN (v4) needs an end. */
+export const SCAN_NEEDS_TO = 'scan: --to is required here: the host did not tell the guest\'s memory size (KVMI_GET_MAX_GFN; a v4 host has none)';
 
 /** Most bytes one `kvmmem read` copies. */
 export const READ_MAX = 64 * 2 ** 20;

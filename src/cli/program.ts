@@ -9,7 +9,7 @@ import { IntrospectionServer, formatAddress } from '../channel/index.js';
 import { LinuxDevice } from '../device/linux-device.js';
 import { ModelLab } from '../lab/model-lab.js';
 import { CliUsageError, EXIT, output, parseAddress, parseCount, resolveCookie, runCommand } from './common.js';
-import { READ_MAX, SCAN_NEEDS_TO, readTarget, scanTarget, translateTarget } from './inspect-commands.js';
+import { READ_MAX, readTarget, scanTarget, translateTarget } from './inspect-commands.js';
 import { LISTEN_ENV, listenOf, targetOptions, withTarget } from './target.js';
 import { runDemo } from './demo.js';
 import { runSelftest, SELFTEST_CHECKS, type CheckResult } from './selftest.js';
@@ -49,12 +49,10 @@ export function buildProgram(): Command {
     .option('--to <addr>', 'end gpa (exclusive; default the end of the RAM file; required with --listen)', parseAddress)
     .option('--max <n>', 'stop after n matches', (v) => parseCount(v))
     .option('--json', 'one JSON document instead of text')
-    .addHelpText('after', '\nExamples:\n  kvmmem scan --ram /dev/shm/guest.ram --pattern "Linux version "\n  kvmmem scan --ram dump.raw --hex 7f454c46 --from 0x100000 --to 0x4000000 --json\n  KVMMEM_COOKIE=secret kvmmem scan --listen tcp:0.0.0.0:4444 --vm web-01 --to 0x40000000 --pattern "Linux version "')
+    .addHelpText('after', '\nExamples:\n  kvmmem scan --ram /dev/shm/guest.ram --pattern "Linux version "\n  kvmmem scan --ram dump.raw --hex 7f454c46 --from 0x100000 --to 0x4000000 --json\n  KVMMEM_COOKIE=secret kvmmem scan --listen tcp:0.0.0.0:4444 --vm web-01 --pattern "Linux version "')
     .action((o) => runCommand(async () => {
       const out = output(!!o.json);
       const pattern = patternOf(o);
-      // Known before any device is opened or any VM waited for.
-      if (o.ram === undefined && o.to === undefined && listenOf(o) !== undefined) throw new CliUsageError(SCAN_NEEDS_TO);
       return withTarget(o, (l) => out.say(l), (target) => scanTarget(out, target, { pattern, from: o.from, to: o.to, max: o.max }));
     }));
 

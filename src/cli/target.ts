@@ -55,7 +55,7 @@ export interface Target {
   kind: 'ram' | 'deployment';
   session: Session;
   vm: Vm;
-  /** One past the last guest-physical byte, when known (a RAM file); null on a deployment. */
+  /** One past the last guest-physical byte, when known: a RAM file's size, a deployment's KVMI_GET_MAX_GFN; else null. */
   end: bigint | null;
   /** What the command works on, for messages: the RAM file or 'VM name (uuid) via /dev/kvmmem'. */
   label: string;
@@ -116,8 +116,15 @@ export async function openDeployment(o: DeploymentOptions): Promise<Target> {
     });
   }
   server.off('rejected', onRejected);
+  // KVMI_GET_MAX_GFN where the host answers it (v6); a v4 host or a refusal leaves the end unknown (--to then required).
+  let end: bigint | null = null;
+  try {
+    end = await vm.memorySize();
+  } catch {
+    end = null;
+  }
   return {
-    kind: 'deployment', session, vm, end: null, label: `VM ${vm.name} (${vm.uuid}) via ${deviceLabel}`,
+    kind: 'deployment', session, vm, end, label: `VM ${vm.name} (${vm.uuid}) via ${deviceLabel}`,
     async close() {
       session.close();
       await server.close();

@@ -51,7 +51,7 @@ export function registerYara(program: Command): void {
       }
       return withTarget(o, (l) => out.say(l), async (target) => {
         const end = target.end;
-        if (o.to === undefined && end === null) throw new CliUsageError('yara: --to is required with --listen (the end of the guest\'s RAM is not known over KVMI)');
+        if (o.to === undefined && end === null) throw new CliUsageError('yara: --to is required here: the host did not tell the guest\'s memory size (KVMI_GET_MAX_GFN; a v4 host has none)');
         const to: bigint = o.to ?? end!;
         const from: bigint = o.from ?? 0n;
         if (end !== null && to > end) throw new CliUsageError(`--to ${hex(to)} is past the end of ${target.label} (${hex(end)})`);

@@ -16,6 +16,8 @@ export interface TargetVm {
    */
   getMapTokensSettled(n: number): Promise<(Uint8Array | Error)[]>;
   on(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
+  /** Where the VM's guest-physical memory ends (the channel's Vm: KVMI_GET_MAX_GFN); what scans default `to` to. Optional. */
+  memorySize?(): Promise<bigint>;
   off(event: 'unhook' | 'gone', listener: (...args: any[]) => void): unknown;
 }
 

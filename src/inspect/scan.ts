@@ -45,8 +45,8 @@ export interface ScanProgress {
 export interface ScanOptions {
   /** First gpa (default 0). */
   from?: AddressLike;
-  /** End gpa (exclusive); required: a VM's size is not known from its connection. */
-  to: AddressLike;
+  /** End gpa (exclusive); default the VM's memory size (`vm.memorySize()`: KVMI_GET_MAX_GFN), required when the VM cannot tell it. */
+  to?: AddressLike;
   /** Pages mapped per chunk (default 256 = 1 MiB). */
   chunkPages?: number;
   /** Called after every chunk. */
@@ -348,12 +348,15 @@ export async function walkRange(session: Session, vm: TargetVm, fn: string, o: W
 }
 
 /** @internal Checks the options scan() and yaraScan() share; returns the range and chunking. */
-export function walkOptions(session: Session, vm: TargetVm, fn: string, opts: { from?: AddressLike; to: AddressLike; chunkPages?: number; onProgress?: unknown; signal?: unknown; maxMatches?: number } | undefined): { from: bigint; to: bigint; chunkPages: number; maxMatches: number } {
-  if (opts === undefined || opts.to === undefined) throw new UsageError(`${fn}: { to } is required (one past the last gpa to search)`);
+export async function walkOptions(session: Session, vm: TargetVm, fn: string, opts: { from?: AddressLike; to?: AddressLike; chunkPages?: number; onProgress?: unknown; signal?: unknown; maxMatches?: number } | undefined): Promise<{ from: bigint; to: bigint; chunkPages: number; maxMatches: number }> {
+  if (opts === undefined || opts === null || typeof opts !== 'object') throw new UsageError(`${fn}: options are required ({ to }, or a VM that knows its memory size)`);
   if (!(session instanceof Session)) throw new UsageError(`${fn}: session must be a Session (from KvmMem.open() or lab.open())`);
   assertTargetVm(vm, fn);
   const from = toAddress(opts.from ?? 0n, 'from');
-  const to = toAddress(opts.to, 'to');
+  let to: bigint;
+  if (opts.to !== undefined) to = toAddress(opts.to, 'to');
+  else if (typeof vm.memorySize === 'function') to = await vm.memorySize(); // KVMI_GET_MAX_GFN
+  else throw new UsageError(`${fn}: { to } is required (one past the last gpa to search): this VM does not tell its memory size`);
   if (from > to) throw new UsageError(`${fn}: from ${hex(from)} is past to ${hex(to)}`, 'give from <= to (to is one past the last gpa to search)');
   if ((opts.onProgress !== undefined && typeof opts.onProgress !== 'function') || (opts.signal !== undefined && !(opts.signal instanceof AbortSignal))) {
     throw new UsageError(`${fn}: onProgress must be a function and signal an AbortSignal`);
@@ -367,7 +370,7 @@ export function walkOptions(session: Session, vm: TargetVm, fn: string, opts: { 
 
 /** Search [from, to) of `vm`'s guest-physical memory for `pattern`. */
 export async function scan(session: Session, vm: TargetVm, pattern: ScanPattern, opts: ScanOptions): Promise<ScanResult> {
-  const { from, to, chunkPages, maxMatches } = walkOptions(session, vm, 'scan', opts);
+  const { from, to, chunkPages, maxMatches } = await walkOptions(session, vm, 'scan', opts);
   const { signal, onProgress, onMatch } = opts;
   if (onMatch !== undefined && typeof onMatch !== 'function') throw new UsageError('scan: onMatch must be a function');
   const total = to > from ? Number(to - from) : 0;

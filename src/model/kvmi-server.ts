@@ -17,7 +17,7 @@ import { debuglog } from 'node:util';
 import {
   CONTROL_VM_EVENTS_SIZE, ERROR_CODE_SIZE, EVENT_REPLY_SIZE, FrameReader, MAP_TOKEN_REPLY_SIZE, MSG_HDR_SIZE, KVMI_EVENT_UNHOOK, KVMI_IDS, KVMI_VERSION,
   decodeControlVmEvents, decodeEventReply, decodeReadPhysical, decodeWritePhysical, encodeErrorCode, encodeEvent, encodeGetVersionReply,
-  encodeMapTokenReply, encodeMessage, encodeMsgHdr, kvmiMessageName, physicalRangeProblem, PHYSICAL_REQUEST_SIZE,
+  encodeMapTokenReply, encodeMaxGfnReply, encodeMessage, encodeMsgHdr, kvmiMessageName, physicalRangeProblem, PHYSICAL_REQUEST_SIZE,
   type KvmiFrame, type KvmiProtocol,
 } from '../abi/kvmi.js';
 import { AbiDecodeError } from '../abi/errors.js';
@@ -241,6 +241,13 @@ export class KvmiConnection {
       }
       this.#send(encodeMessage({ id, seq }, encodeMapTokenReply(token)));
       return true;
+    }
+    if (id === ids.GET_MAX_GFN && this.#owner.memory !== undefined) {
+      if (size !== 0) return this.#framingError(`KVMI_GET_MAX_GFN with a ${size}-byte body`);
+      // The highest frame of the VM's memory slots: the last page of RAM (holes below it included, as KVM's).
+      const end = this.#owner.memory.end;
+      if (end === 0n) return this.#reply(id, seq, -KVM_EINVAL);
+      return this.#reply(id, seq, 0, encodeMaxGfnReply(end / 4096n - 1n));
     }
     if (id === ids.READ_PHYSICAL && this.#owner.memory !== undefined) return this.#readPhysical(id, seq, f.body, this.#owner.memory);
     if (id === ids.WRITE_PHYSICAL && this.#owner.memory !== undefined) return this.#writePhysical(id, seq, f.body, this.#owner.memory);

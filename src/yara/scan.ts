@@ -58,8 +58,8 @@ export interface YaraProgress {
 
 export interface YaraScanOptions {
   from?: AddressLike;
-  /** End gpa (exclusive). */
-  to: AddressLike;
+  /** End gpa (exclusive); default the VM's memory size (`vm.memorySize()`: KVMI_GET_MAX_GFN), required when the VM cannot tell it. */
+  to?: AddressLike;
   /** Pages mapped per chunk (default 256 = 1 MiB). */
   chunkPages?: number;
   /** Longest match found exactly at a chunk edge (default 4096; see the module comment). */
@@ -194,7 +194,7 @@ export class YaraMatcher implements Matcher {
 /** Scan [from, to) of `vm`'s guest-physical memory with `rules`. */
 export async function yaraScan(session: Session, vm: TargetVm, rules: YaraRules, opts: YaraScanOptions): Promise<YaraScanResult> {
   if (!(rules instanceof YaraRules)) throw new UsageError('yaraScan: rules must come from compileRules() or loadRuleFiles()');
-  const { from, to, chunkPages, maxMatches } = walkOptions(session, vm, 'yaraScan', opts);
+  const { from, to, chunkPages, maxMatches } = await walkOptions(session, vm, 'yaraScan', opts);
   const overlap = opts.overlap ?? 4096;
   if (!Number.isSafeInteger(overlap) || overlap < 1 || overlap > 64 * 2 ** 20) throw new UsageError(`yaraScan: overlap must be an integer in 1..${64 * 2 ** 20}, got ${overlap}`);
   if (opts.onHit !== undefined && typeof opts.onHit !== 'function') throw new UsageError('yaraScan: onHit must be a function');
