@@ -37,6 +37,8 @@ import { KvmmemError, UsageError } from '../errors.js';
 import { ChannelLimitError, KvmiError, ProtocolError, TimeoutError, VmGoneError, type ChannelLimitName } from './errors.js';
 
 const debug = debuglog('kvmmem');
+/** Every KVMI request batch (NODE_DEBUG=kvmmem_kvmi): thousands of lines for a large mapRange, so apart from the operations. */
+const wire = debuglog('kvmmem_kvmi');
 
 /** Largest event body accepted (kvmi_event + x86 arch data is ~1 KiB); more is a framing error. */
 export const MAX_EVENT_BODY = 4096;
@@ -451,7 +453,7 @@ export class Vm extends EventEmitter {
       if (group.deadline < this.#groupTimerAt) this.#armGroupTimer(group.deadline);
     }
     if (this.#pending.size > this.#maxInFlight) this.#maxInFlight = this.#pending.size;
-    if (debug.enabled) debug('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
+    if (wire.enabled) wire('vm %s: %s x%d (in flight %d)', this.#label(), name, bodies.length, this.#pending.size);
     this.#write(frames);
   }
 

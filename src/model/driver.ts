@@ -24,7 +24,8 @@
  */
 import { debuglog } from 'node:util';
 import * as libc from '../sys/libc.js';
-import { ERRNO } from '../abi/errno.js';
+import { ERRNO, errnoName } from '../abi/errno.js';
+import { KVM_ENOSYS } from '../abi/hypercall.js';
 import { KVM_INTRO_MEM_MAP, KVM_INTRO_MEM_UNMAP, decodeIoctl, IOC_WRITE } from '../abi/ioctl.js';
 import { MEM_MAP_SIZE } from '../abi/structs.js';
 import { DeviceError } from '../errors.js';
@@ -38,6 +39,8 @@ import { copy_from_user, pageOf, pageState, type PageState } from './uaccess.js'
 export type { PageMap } from './map-list.js';
 
 const debug = debuglog('kvmmem');
+/** A hypercall result's name for log lines (-KVM_E* are Linux errno values but for ENOSYS). */
+const hcName = (r: number): string => (r === -KVM_ENOSYS ? 'KVM_ENOSYS' : errnoName(-r));
 const { EFAULT, EINVAL, ENODEV, ENOENT, ENOTTY, EPERM } = ERRNO as Record<'EFAULT' | 'EINVAL' | 'ENODEV' | 'ENOENT' | 'ENOTTY' | 'EPERM', number>;
 /** C: "%016lx" */
 const hex016 = (v: bigint | number) => '0x' + v.toString(16).padStart(16, '0');
@@ -168,7 +171,7 @@ export class KvmiMemDriver {
       else if (r === libc.MAP_ONE_ABSENT) state = 'absent';
       else if (r !== undefined && r !== libc.MAP_ONE_UNKNOWN) {
         this.#paddr = page;
-        if (IS_ERR_VALUE(r)) debug('kvmi: HC failed with result %d', r);
+        if (IS_ERR_VALUE(r)) debug('kvmi: HC failed with result %d (%s) for gpa 0x%s at gva 0x%s', r, hcName(r), gpa.toString(16), gva.toString(16));
         return r;
       }
     }
@@ -192,7 +195,7 @@ export class KvmiMemDriver {
     // C: result = kvmi_arch_map_hc(&map_req->token, map_req->gpa, paddr);  = kvm_hypercall3(KVM_HC_MEM_MAP, ...)
     // (the token is looked up where it lies: at off + KVMI_MEM_MAP_LAYOUT.fields.token.offset)
     const result = this.host._mapHcAt(args, off, gpa, page);
-    if (IS_ERR_VALUE(result)) debug('kvmi: HC failed with result %d', result);
+    if (IS_ERR_VALUE(result)) debug('kvmi: HC failed with result %d (%s) for gpa 0x%s at gva 0x%s', result, hcName(result), gpa.toString(16), gva.toString(16));
     // C: out: up_read(&current->mm->mmap_sem); return result;
     return result;
   }
@@ -202,7 +205,7 @@ export class KvmiMemDriver {
     // C: result = kvmi_arch_unmap_hc(paddr);  = kvm_hypercall1(KVM_HC_MEM_UNMAP, map_gpa)
     const result = this.host._unmapPage(paddr);
     // C: if (IS_ERR_VALUE(result)) pr_warn("kvmi: HC failed with result %ld\n", result);
-    if (IS_ERR_VALUE(result)) debug('kvmi: unmap HC failed with result %d', result);
+    if (IS_ERR_VALUE(result)) debug('kvmi: unmap HC failed with result %d (%s) for page 0x%s', result, hcName(result), paddr.toString(16));
     return result;
   }
 

@@ -170,7 +170,7 @@ export class ModelHost {
     const vm = new ModelVm(this, uuid.toLowerCase(), opts.name, memory, owned);
     this.#vms.add(vm);
     this._remapper.addVm(vm);
-    debug('host %s: VM %s (%s) created, %d bytes of RAM', this.name, vm.name, vm.uuid, memory.size);
+    debug('host %s: VM %s (%s) created, %s bytes of RAM', this.name, vm.name, vm.uuid, String(memory.size));
     return vm;
   }
 

@@ -24,7 +24,7 @@ export function batchAvailable(): boolean {
       ?? fileURLToPath(new URL('../../native/build/libkvmmem_batch.so', import.meta.url));
     if (process.env.KVMMEM_NO_BATCH === '1' || !existsSync(path)) {
       batchState = 'absent';
-      debug('native batch helper absent (%s): using the per-call path; run `npm run build:native` with a C compiler to build it', path);
+      debug('native batch helper absent (%s): using the per-call path; build it with a C compiler: `npm rebuild kvmmem` (in a checkout: `npm run build:native`)', path);
     } else {
       try {
         ffiOpen({ library: BATCH, path });
@@ -32,8 +32,8 @@ export function batchAvailable(): boolean {
         batchState = v >= 1 && v <= 4 ? 'loaded' : 'absent';
         batchAbi = batchState === 'loaded' ? v : 0;
         if (batchState === 'absent') debug('native batch helper at %s has ABI version %d, expected 1 to 4: ignored', path, v);
-        else if (v < 2) debug('native batch helper at %s is ABI 1 (no single remaps): rebuild it with `npm run build:native`', path);
-        else if (v < 4) debug('native batch helper at %s is ABI %d (no SIGBUS guard for guest RAM files): rebuild it with `npm run build:native`', path, v);
+        else if (v < 2) debug('native batch helper at %s is ABI 1 (no single remaps): rebuild it: `npm rebuild kvmmem` (in a checkout: `npm run build:native`)', path);
+        else if (v < 4) debug('native batch helper at %s is ABI %d (no SIGBUS guard for guest RAM files): rebuild it: `npm rebuild kvmmem` (in a checkout: `npm run build:native`)', path, v);
       } catch (e) {
         batchState = 'absent';
         debug('native batch helper at %s failed to load (%s): using the per-call path', path, (e as Error).message);
