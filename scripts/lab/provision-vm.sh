@@ -88,11 +88,27 @@ for m in @MODS@; do
   insmod /lib/modules/$m.ko 2>/tmp/err || say "error module $m: $(cat /tmp/err)"
 done
 if mount -t virtiofs hostroot /host 2>/tmp/err; then
+  # Host dirs under /tmp or /dev/shm the lab asked to keep visible (kvmmem.keep=P1,P2: a checkout
+  # there, e.g. a CI clone), bound from the share before the guest's own tmpfs hides them.
+  keep=$(sed -n 's/.*kvmmem\.keep=\([^ ]*\).*/\1/p' /proc/cmdline)
+  if [ -n "$keep" ]; then
+    mkdir -p /keep-tmp /keep-shm
+    mount --bind /host/tmp /keep-tmp 2>/dev/null
+    mount --bind /host/dev/shm /keep-shm 2>/dev/null
+  fi
   mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && mount -t devtmpfs devtmpfs /host/dev \
     && mount -t tmpfs -o mode=1777 tmpfs /host/tmp 2>/tmp/err && say "share /host" || say "error share mounts: $(cat /tmp/err)"
   mkdir -p /host/dev/pts /host/dev/shm
   mount -t devpts devpts /host/dev/pts 2>/dev/null
   mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm 2>/dev/null
+  for p in $(echo "$keep" | tr , ' '); do
+    case "$p" in
+      /tmp/*) src=/keep-tmp/${p#/tmp/} ;;
+      /dev/shm/*) src=/keep-shm/${p#/dev/shm/} ;;
+      *) continue ;;
+    esac
+    mkdir -p "/host$p" && mount --bind "$src" "/host$p" 2>/tmp/err && say "keep $p" || say "error keep $p: $(cat /tmp/err)"
+  done
 else
   say "error share: $(cat /tmp/err)"
 fi

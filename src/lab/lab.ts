@@ -218,7 +218,7 @@ export class Lab {
     let tIntro = 0;
     const [tg, it] = await Promise.allSettled([
       bootLiveTarget(targetVm, { memMb: targetMb, timeoutMs }).then((t) => { tTarget = performance.now() - tBoot; return t; }),
-      bootIntrospector({ name: introVm, runDir, memMb: introMb, ramPath: introRam, port, agent, mailboxPath, timeoutMs })
+      bootIntrospector({ name: introVm, runDir, memMb: introMb, ramPath: introRam, port, agent, mailboxPath, timeoutMs, keep: [PACKAGE_ROOT, process.cwd()] })
         .then((i) => { tIntro = performance.now() - tBoot; return i; }),
     ]);
     if (tg.status === 'rejected' || it.status === 'rejected') {

@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { liveTargetAvailable, liveTargetDir, spawnQemu, spawnTracked, type QemuProcess, type TrackedChild } from '../live/target.js';
+import { UsageError } from '../errors.js';
 import { LAB_PROVISION_COMMAND, LabError } from './errors.js';
 import { RunnerConnection } from './runner.js';
 
@@ -93,6 +94,22 @@ export interface IntrospectorOptions {
   /** The doorbell's shared memory file (KVMMEM_AGENT_MAILBOX); with the agent only. */
   mailboxPath: string;
   timeoutMs: number;
+  /**
+   * Host directories under /tmp (or /dev/shm) to keep visible inside: the guest
+   * mounts its own tmpfs over the share's /tmp and /dev/shm, which would hide a
+   * checkout there (a CI clone in mktemp -d). Passed on the kernel command line
+   * (kvmmem.keep=P1,P2), bind-mounted from the share by the init.
+   */
+  keep?: string[];
+}
+
+/** The kernel command-line word for `keep` ('' when nothing needs keeping); paths with spaces or commas cannot be passed. */
+export function keepArg(paths: readonly string[]): string {
+  const under = (p: string, dir: string) => p === dir || p.startsWith(`${dir}/`);
+  const want = [...new Set(paths.map((p) => path.resolve(p)))].filter((p) => under(p, '/tmp') || under(p, '/dev/shm'));
+  const bad = want.find((p) => /[\s,]/.test(p));
+  if (bad !== undefined) throw new UsageError(`the lab cannot show ${JSON.stringify(bad)} inside: a path under /tmp or /dev/shm with a space or comma`, 'run from a checkout whose path has neither (or outside /tmp)');
+  return want.length === 0 ? '' : ` kvmmem.keep=${want.join(',')}`;
 }
 
 export interface Introspector {
@@ -163,7 +180,7 @@ export async function bootIntrospector(o: IntrospectorOptions): Promise<Introspe
         '-accel', 'tcg', '-smp', '1', '-m', `${o.memMb}M`,
         '-object', `memory-backend-file,id=ram,size=${o.memMb}M,mem-path=${o.ramPath},share=on`,
         '-machine', 'q35,memory-backend=ram', '-nodefaults', '-display', 'none', '-no-reboot',
-        '-kernel', kernel, '-initrd', initrd, '-append', 'console=ttyS0 panic=-1',
+        '-kernel', kernel, '-initrd', initrd, '-append', `console=ttyS0 panic=-1${keepArg(o.keep ?? [])}`,
         '-chardev', `socket,id=vfs,path=${vfsSocket}`, '-device', 'vhost-user-fs-pci,chardev=vfs,tag=hostroot',
         '-netdev', `user,id=n,hostfwd=tcp:127.0.0.1:${o.port}-:${o.port}`, '-device', 'virtio-net-pci,netdev=n',
         '-device', 'virtio-serial-pci',
