@@ -104,6 +104,8 @@ const sink = (s: LabRunOptions['stdout'], fallback: NodeJS.WritableStream) =>
 export const exitCodeOf = (s: ExitStatus): number => s.code ?? 128 + (s.signal ?? 0);
 
 const PACKAGE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+/** Host directories kept visible inside the introspector even under /tmp: this checkout and the working directory. */
+const LAB_KEEP: readonly string[] = [PACKAGE_ROOT, process.cwd()];
 
 /** The default lab host: LabHost.start of ./lab-host.js (or .ts under tsx) when this build has it. */
 async function defaultStartHost(): Promise<StartHost | string> {
@@ -218,7 +220,7 @@ export class Lab {
     let tIntro = 0;
     const [tg, it] = await Promise.allSettled([
       bootLiveTarget(targetVm, { memMb: targetMb, timeoutMs }).then((t) => { tTarget = performance.now() - tBoot; return t; }),
-      bootIntrospector({ name: introVm, runDir, memMb: introMb, ramPath: introRam, port, agent, mailboxPath, timeoutMs, keep: [PACKAGE_ROOT, process.cwd()] })
+      bootIntrospector({ name: introVm, runDir, memMb: introMb, ramPath: introRam, port, agent, mailboxPath, timeoutMs, keep: LAB_KEEP })
         .then((i) => { tIntro = performance.now() - tBoot; return i; }),
     ]);
     if (tg.status === 'rejected' || it.status === 'rejected') {
@@ -438,7 +440,7 @@ export class Lab {
 }
 
 /** @internal insmod kvmmem.ko transport=mailbox inside (from the initramfs busybox, the module read through the share). */
-export async function loadModule(runner: RunnerConnection, kmod: string): Promise<LabInfo['device']> {
+export async function loadModule(runner: RunnerConnection, kmod: string, keep: readonly string[] = LAB_KEEP): Promise<LabInfo['device']> {
   const sh = async (script: string): Promise<{ code: number; out: string }> => {
     let out = '';
     const h = runner.start(['sh', '-c', script], { PATH: '/bin:/sbin:/usr/bin:/usr/sbin' }, '/', { stdout: (b) => { out += b; }, stderr: (b) => { out += b; } }, 1);
@@ -446,7 +448,9 @@ export async function loadModule(runner: RunnerConnection, kmod: string): Promis
     return { code: exitCodeOf(s), out: out.trim() };
   };
   // The guest mounts its own /tmp, /dev, /proc, /sys over the share: host files there are not visible inside.
-  const hidden = ['/tmp/', '/dev/', '/proc/', '/sys/'].find((d) => kmod.startsWith(d));
+  // (Unless it lies in a directory the lab keeps visible: kvmmem.keep, see vms.ts keepArg.)
+  const kept = keep.some((k) => kmod.startsWith(`${path.resolve(k)}/`));
+  const hidden = kept ? undefined : ['/tmp/', '/dev/', '/proc/', '/sys/'].find((d) => kmod.startsWith(d));
   if (hidden) return { ok: false, reason: `no /dev/kvmmem: ${kmod} is under ${hidden}, which the introspector has its own of (put the module elsewhere)` };
   const ins = await sh(`insmod '${GUEST_SHARE_ROOT}${kmod.replace(/'/g, `'\\''`)}' transport=mailbox 2>&1 || { dmesg | grep -i kvmmem | tail -n 3; exit 1; }`);
   if (ins.code !== 0) return { ok: false, reason: `no /dev/kvmmem: insmod ${path.basename(kmod)} transport=mailbox failed: ${ins.out.replace(/\s*\n\s*/g, ' / ')}` };

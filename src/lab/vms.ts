@@ -100,7 +100,7 @@ export interface IntrospectorOptions {
    * checkout there (a CI clone in mktemp -d). Passed on the kernel command line
    * (kvmmem.keep=P1,P2), bind-mounted from the share by the init.
    */
-  keep?: string[];
+  keep?: readonly string[];
 }
 
 /** The kernel command-line word for `keep` ('' when nothing needs keeping); paths with spaces or commas cannot be passed. */
