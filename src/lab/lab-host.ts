@@ -150,7 +150,7 @@ export class LabHost {
   }
 
   /**
-   * The device manager's pre-unhook of target `name` (seed 004): the tool gets
+   * The device manager's pre-unhook of target `name` (KVM_INTROSPECTION_PREUNHOOK): the tool gets
    * the UNHOOK event, then the VM is unhooked (its mappings revoked: the
    * introspector's pages read zeros). The attach loop hooks it again when the
    * tool still listens. Resolves with how the tool answered.

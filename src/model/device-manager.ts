@@ -244,7 +244,7 @@ function attachOnce(vm: ModelVm, target: Target, cookie: string | Uint8Array | u
 }
 
 /**
- * PREUNHOOK (seed 004) as the device manager runs it: the ioctl (throws
+ * PREUNHOOK (the KVM_INTROSPECTION_PREUNHOOK patch) as the device manager runs it: the ioctl (throws
  * EPERM, EFAULT when not hooked, ENOENT when the socket errored or the tool
  * did not enable the UNHOOK event), then wait until the tool replies to the
  * event or closes the socket, or the timeout passes; then UNHOOK. Resolves

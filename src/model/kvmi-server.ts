@@ -1,6 +1,6 @@
 /**
  * The host (KVM) side of the KVMI socket once a VM is hooked: the model's
- * "receive thread" (seed 000 kvmi_recv_thread / kvmi_msg_process). It serves
+ * "receive thread" (KVMI v9 kvmi_recv_thread / kvmi_msg_process). It serves
  * KVMI_GET_VERSION, KVMI_CONTROL_VM_EVENTS (v6), KVMI_GET_MAP_TOKEN and
  * KVMI_READ_PHYSICAL / KVMI_WRITE_PHYSICAL (kvmi.rst: 1..4096 bytes within one
  * page, else -KVM_EINVAL; non-zero padding -KVM_EINVAL; no RAM there

@@ -51,7 +51,7 @@ const VM_HINTS = {
   EFAULT: 'the kvm_introspection_hook struct could not be read (fewer than 24 bytes, or an unreadable pointer)',
 } as const;
 
-/** VM ioctl table (seed 002 style): request -> expected argument size, handler. */
+/** VM ioctl table (Avi Kivity's table-driven "generic ioctl dispatcher" style): request -> expected argument size, handler. */
 interface VmIoctl {
   name: string;
   size: number;
@@ -155,7 +155,7 @@ export class ModelVm {
   }
 
   /**
-   * The device manager's pre-unhook (seed 004): KVM_INTROSPECTION_PREUNHOOK
+   * The device manager's pre-unhook (the KVM_INTROSPECTION_PREUNHOOK patch): KVM_INTROSPECTION_PREUNHOOK
    * (EPERM / EFAULT not hooked / ENOENT socket error or UNHOOK event not
    * enabled; otherwise the UNHOOK event is sent), then wait for the tool to
    * reply or close the socket, or for the timeout, then UNHOOK.
@@ -200,7 +200,7 @@ export class ModelVm {
     this.#unhookNow();
   }
 
-  // kvmi_ioctl_hook() + kvmi_hook() (seed 000), in the kernel's order.
+  // kvmi_ioctl_hook() + kvmi_hook() (KVMI v9 patch 38), in the kernel's order.
   #ioctlHook(arg: Uint8Array): number {
     const NAME = 'KVM_INTROSPECTION_HOOK';
     const hook = decodeHook(arg);
@@ -231,7 +231,7 @@ export class ModelVm {
     return 0;
   }
 
-  // kvmi_ioctl_preunhook() (seed 004).
+  // kvmi_ioctl_preunhook() (the KVM_INTROSPECTION_PREUNHOOK patch).
   #ioctlPreunhook(): number {
     const NAME = 'KVM_INTROSPECTION_PREUNHOOK';
     if (!this.host.introspection) throw this.#err(EPERM, NAME, VM_HINTS.EPERM);
